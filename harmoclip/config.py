@@ -1,0 +1,106 @@
+"""Every setting of the method and model, in one typed place.
+
+The paper's method section was not available to us (see `shared/reference/method-notes.md`), so
+each reconstruction is a named field here rather than a constant in code: it is printed by
+`--help`, logged as an MLflow param, and switchable. Fields whose help starts with "Assumption"
+are our reading of the paper, with the alternatives listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which open_clip model to wrap and where its weights come from."""
+
+    name: str = _help(
+        "open_clip model name (e.g. ViT-B-16) or one of this project's tiny configs "
+        "(harmo-tiny, harmo-micro), which are registered on import.",
+        default="harmo-tiny",
+    )
+    pretrained: Optional[str] = _help(
+        "Weights: an open_clip pretrained tag (needs a model hub), a local checkpoint file, or an "
+        "s3:// URI of one. None trains from scratch.",
+        default=None,
+    )
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The HarmoCLIP objective `L = GC + lambda_lrc * LRC + lambda_gr * GR` and its assumptions."""
+
+    lambda_lrc: float = _help("Weight of the lexeme-region contrastive loss (0 disables it).", default=1.0)
+    lambda_gr: float = _help("Weight of the global-region alignment loss (0 disables it).", default=1.0)
+    lexeme_embedding: Literal["token_span_mean", "separate_text"] = _help(
+        "Assumption ('Text Token Space'): token_span_mean encodes the caption once and averages the "
+        "projected token features over the lexeme's BPE span; separate_text encodes every lexeme "
+        "as its own short text (one more text pass).",
+        default="token_span_mean",
+    )
+    region_pooling: Literal["max", "softmax"] = _help(
+        "Assumption: how a lexeme is scored against an image's regions in LRC: the best region "
+        "(max) or a softmax-weighted mean of all regions (softmax).",
+        default="max",
+    )
+    region_pooling_temperature: float = _help(
+        "Temperature of the softmax region pooling (only with region_pooling=softmax).", default=0.05
+    )
+    lrc_temperature: Optional[float] = _help(
+        "Assumption: LRC softmax temperature. None shares the model's learnable logit_scale.",
+        default=None,
+    )
+    lrc_region_to_lexeme: bool = _help(
+        "Assumption: also contrast each lexeme's matched region against the batch's lexemes "
+        "(the second InfoNCE direction). False keeps only lexeme -> images.",
+        default=True,
+    )
+    gr_mode: Literal["contrastive", "consistency"] = _help(
+        "Assumption: contrastive contrasts the attention-fused regions with the batch's captions "
+        "(InfoNCE); consistency pulls the fused regions towards the stop-gradient global image "
+        "embedding (1 - cosine).",
+        default="contrastive",
+    )
+    gr_attention_temperature: float = _help(
+        "Assumption: temperature of the attention that fuses regions with the global image "
+        "embedding as query.",
+        default=0.1,
+    )
+    negative_key: Literal["root_lemma", "phrase_lemma"] = _help(
+        "Assumption: lexemes sharing this key are never negatives of each other. root_lemma "
+        "(DESIGN default) masks 'red circle' vs 'blue circle'; phrase_lemma only masks identical "
+        "lemmatised phrases.",
+        default="root_lemma",
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_lrc", "lambda_gr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("region_pooling_temperature", "gr_attention_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.lrc_temperature is not None and self.lrc_temperature <= 0:
+            raise ValueError(f"lrc_temperature must be > 0 or None, got {self.lrc_temperature}")
+
+    @property
+    def needs_regions(self) -> bool:
+        """GC-only runs skip the dense map entirely, so the baseline is a plain CLIP step."""
+        return self.lambda_lrc > 0 or self.lambda_gr > 0
+
+
+def as_flat_dict(*configs: Any) -> dict[str, Any]:
+    """`section.field -> value`, the shape MLflow params and dataset.json want."""
+    flat: dict[str, Any] = {}
+    for config in configs:
+        section = type(config).__name__.removesuffix("Config").lower()
+        for key, value in dataclasses.asdict(config).items():
+            flat[f"{section}.{key}"] = value
+    return flat

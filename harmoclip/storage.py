@@ -1,0 +1,70 @@
+"""The one place where a path or URI becomes a pyarrow filesystem.
+
+Everything that reads or writes data, weights or checkpoints goes through `resolve`, so local
+paths and `s3://` URIs behave the same and an S3-compatible endpoint (`AWS_ENDPOINT_URL`, e.g. a
+MinIO or a test server on 127.0.0.1) is honoured everywhere at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
+    """An S3 client that fails in seconds rather than retrying for minutes on a bad endpoint."""
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs: dict = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "connect_timeout": 5,
+        "request_timeout": 30,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+    }
+    if endpoint_url:
+        parsed = urlparse(endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """`(filesystem, path within it)` for a local path or an `s3://bucket/key` URI."""
+    if is_remote(uri):
+        return s3_filesystem(), uri[len(S3_SCHEME):].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', for both local paths and s3:// URIs."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def fetch_to_local(uri: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local file path for `uri`: itself if local, else a cached download keyed by the URI."""
+    if not is_remote(uri):
+        if not Path(uri).is_file():
+            raise FileNotFoundError(f"no such file: {uri}")
+        return uri
+    cache = Path(cache_dir or Path.home() / ".cache" / "harmoclip")
+    cache.mkdir(parents=True, exist_ok=True)
+    local = cache / (hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + Path(uri).name)
+    if not local.exists():
+        fs, path = resolve(uri)
+        partial = local.with_suffix(local.suffix + ".partial")
+        try:
+            pafs.copy_files(path, str(partial), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        except OSError as err:
+            raise OSError(f"cannot download {uri}: {err}") from err
+        partial.rename(local)
+    return str(local)

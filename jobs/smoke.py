@@ -1,0 +1,52 @@
+"""The smallest real end-to-end run: HarmoCLIP training steps on one synthetic batch.
+
+Prints GC, LRC and GR per step so a fresh install can be checked in seconds; the full embedded
+default (data -> prepare -> train -> evaluate) is `jobs.demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
+from harmoclip.batch import synthetic_batch
+from harmoclip.cli import add_config_arguments, config_from_args
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(prog="python -m jobs.smoke", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps on the batch")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    add_config_arguments(parser, ModelConfig, prefix="model_")
+    add_config_arguments(parser, MethodConfig)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    method = config_from_args(args, MethodConfig)
+    model = HarmoCLIP(create_clip(config_from_args(args, ModelConfig, prefix="model_")), method)
+    loss_fn = HarmoCLIPLoss(method)
+    batch = synthetic_batch(args.model_name, model.image_size,
+                            batch_size=args.batch_size, seed=args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    print(f"model {args.model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"batch {args.batch_size}, lambda_lrc={method.lambda_lrc}, lambda_gr={method.lambda_gr}")
+    print(f"{'step':>4} {'total':>8} {'GC':>8} {'LRC':>8} {'GR':>8} {'s/step':>7}")
+    for step in range(1, args.steps + 1):
+        start = time.perf_counter()
+        losses = loss_fn(model(batch))
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        values = {k: float(losses[k].detach()) if k in losses else 0.0 for k in ("loss", "gc", "lrc", "gr")}
+        print(f"{step:>4} {values['loss']:8.4f} {values['gc']:8.4f} {values['lrc']:8.4f} {values['gr']:8.4f} "
+              f"{time.perf_counter() - start:7.3f}", flush=True)
+    return values
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Ray Data stages that turn image-caption data into prepared Parquet (schema v1)."""

@@ -1,0 +1,132 @@
+"""The model wrapper: read-outs agree with open_clip, pooling is exact, ViT-B-16 runs."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
+from harmoclip.batch import synthetic_batch
+from harmoclip.checkpoint import save_open_clip_weights
+from harmoclip.model import pool_regions, pool_token_spans
+from tests.conftest import TEST_MODEL
+
+
+def test_global_embeddings_match_open_clip(model: HarmoCLIP, batch):
+    with torch.no_grad():
+        image = model.encode_image(batch["images"])
+        text_global, text_tokens = model.encode_text(batch["tokens"])
+        assert torch.allclose(image.global_, model.clip.encode_image(batch["images"], normalize=True), atol=1e-6)
+        assert torch.allclose(text_global, model.clip.encode_text(batch["tokens"], normalize=True), atol=1e-6)
+    grid = model.image_size[0] // model.clip.visual.patch_size[0]
+    assert image.dense.shape == (6, model.clip.text_projection.shape[1], grid, grid)
+    assert torch.allclose(image.dense.norm(dim=1), torch.ones(6, grid, grid), atol=1e-5)
+    assert text_tokens.shape == (6, model.context_length, model.clip.text_projection.shape[1])
+
+
+def test_dense_map_is_last_block_without_attention(model: HarmoCLIP, batch):
+    """Independent re-derivation of the dense path with the attention weights spelled out."""
+    visual = model.clip.visual
+    with torch.no_grad():
+        x = visual.ln_pre(torch.cat([visual.class_embedding.expand(6, 1, -1),
+                                     visual.conv1(batch["images"]).flatten(2).transpose(1, 2)], 1)
+                          + visual.positional_embedding)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+        last = visual.transformer.resblocks[-1]
+        w_v = last.attn.in_proj_weight.chunk(3)[2]
+        b_v = last.attn.in_proj_bias.chunk(3)[2]
+        y = x + last.attn.out_proj(last.ln_1(x) @ w_v.T + b_v)
+        y = y + last.mlp(last.ln_2(y))
+        expected = F.normalize(visual.ln_post(y[:, 1:]) @ visual.proj, dim=-1)
+        got = model.encode_image(batch["images"]).dense.flatten(2).transpose(1, 2)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_full_image_box_on_constant_map_gives_the_constant():
+    constant = F.normalize(torch.tensor([0.3, -1.0, 2.0, 0.5]), dim=0)
+    dense = constant.view(1, 4, 1, 1).expand(2, 4, 7, 5).contiguous()
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.2, 0.3, 0.4, 0.9]], [[0.0, 0.0, 1.0, 1.0], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    regions = pool_regions(dense, boxes, mask)
+    assert torch.allclose(regions[0, 0], constant, atol=1e-6)
+    assert torch.allclose(regions[0, 1], constant, atol=1e-6)
+    assert torch.allclose(regions[1, 0], constant, atol=1e-6)
+    assert torch.equal(regions[1, 1], torch.zeros(4))
+
+
+def test_region_pooling_averages_the_box_area():
+    dense = torch.zeros(1, 2, 4, 4)
+    dense[0, 0, :, :2] = 1.0  # left half points along dim 0
+    dense[0, 1, :, 2:] = 1.0  # right half along dim 1
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]])
+    regions = pool_regions(dense, boxes, torch.ones(1, 3, dtype=torch.bool))
+    assert torch.allclose(regions[0], torch.tensor([[1.0, 0.0], [0.0, 1.0], [2 ** -0.5, 2 ** -0.5]]), atol=1e-6)
+
+
+def test_token_span_pooling_is_a_manual_mean():
+    tokens = torch.randn(2, 10, 3)
+    spans = torch.tensor([[[1, 4], [4, 5]], [[2, 3], [0, 0]]])
+    mask = torch.tensor([[True, True], [True, False]])
+    got = pool_token_spans(tokens, spans, mask)
+    assert torch.allclose(got[0, 0], F.normalize(tokens[0, 1:4].mean(0), dim=0), atol=1e-6)
+    assert torch.allclose(got[0, 1], F.normalize(tokens[0, 4], dim=0), atol=1e-6)
+    assert torch.allclose(got[1, 0], F.normalize(tokens[1, 2], dim=0), atol=1e-6)
+    assert torch.equal(got[1, 1], torch.zeros(3))
+
+
+def test_separate_text_lexemes_encode_each_lexeme_alone(model: HarmoCLIP, batch):
+    tokenizer = open_clip.get_tokenizer(TEST_MODEL)
+    lexeme_tokens = tokenizer(["red circle", "blue square", "", ""]).view(1, 4, -1).repeat(6, 1, 1)
+    lexeme_mask = torch.tensor([True, True, False, False]).repeat(6, 1)
+    features = model.encode_lexemes_as_texts(lexeme_tokens, lexeme_mask)
+    with torch.no_grad():
+        expected = model.clip.encode_text(tokenizer(["red circle"]), normalize=True)[0]
+    assert torch.allclose(features[3, 0], expected, atol=1e-6)
+    assert torch.equal(features[0, 2], torch.zeros_like(expected))
+
+    model.method = MethodConfig(lexeme_embedding="separate_text")
+    losses = HarmoCLIPLoss(model.method)(model({**batch, "lexeme_tokens": lexeme_tokens, "lexeme_mask": lexeme_mask}))
+    losses["lrc"].backward()
+    assert model.clip.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_vit_b_16_runs_at_224_without_weights():
+    torch.manual_seed(0)
+    model = HarmoCLIP(create_clip(ModelConfig(name="ViT-B-16")))
+    batch = synthetic_batch("ViT-B-16", model.image_size, batch_size=2, max_regions=3, max_lexemes=2)
+    assert batch["images"].shape[-2:] == (224, 224)
+    with torch.no_grad():
+        losses = HarmoCLIPLoss(model.method)(model(batch))
+        dense = model.encode_image(batch["images"][:1]).dense
+    assert dense.shape == (1, 512, 14, 14)
+    assert all(torch.isfinite(losses[k]) for k in ("gc", "lrc", "gr"))
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_saved_weights_load_with_plain_open_clip(model: HarmoCLIP, tmp_path):
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(3.21)  # differs from any fresh init
+    path = save_open_clip_weights(model.clip, str(tmp_path / "w" / "open_clip_weights.pt"))
+    loaded = open_clip.create_model(TEST_MODEL, pretrained=path)
+    _assert_same_weights(model.clip, loaded)
+    assert not list(tmp_path.glob("w/*.partial"))
+
+
+def test_weights_round_trip_through_s3(model: HarmoCLIP, s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the download cache lives under ~/.cache
+    uri = save_open_clip_weights(model.clip, "s3://harmo/checkpoints/open_clip_weights.pt")
+    loaded = create_clip(ModelConfig(name=TEST_MODEL, pretrained=uri))
+    _assert_same_weights(model.clip, loaded)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        create_clip(ModelConfig(name=TEST_MODEL, pretrained=str(tmp_path / "nope.pt")))
