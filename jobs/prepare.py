@@ -1,0 +1,62 @@
+"""Prepare image-caption data for HarmoCLIP: lexemes (spaCy), region proposals, Parquet schema v1.
+
+SRC is a COCO-format folder (images/, captions.json, optional instances.json), or a manifest
+(.jsonl / .csv / .parquet with an image path-or-URI column and a caption column; relative paths
+are relative to the manifest), or the real COCO layout given with --images/--captions/--instances.
+SRC and DST may be local paths or s3:// URIs (AWS_ENDPOINT_URL selects an S3-compatible store).
+Bad rows never stop the job: they are written to DST/rejects/ with the reason, and
+DST/dataset.json counts rows in = rows written + rows rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import ray
+
+from harmoclip.cli import add_config_arguments, config_from_args
+from harmoclip.config import PrepareConfig
+from pipeline.prepare import DestinationError, prepare
+from pipeline.sources import SourceError, find_source
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", help="SRC: a COCO folder or a manifest file (local path or s3:// URI)")
+    parser.add_argument("--out", required=True, help="DST: the prepared dataset folder (local path or s3:// URI)")
+    parser.add_argument("--images", help="real COCO layout: the image folder (with --captions)")
+    parser.add_argument("--captions", help="real COCO layout: captions_*.json")
+    parser.add_argument("--instances", help="COCO instances_*.json (ground-truth boxes for --regions gt and evaluation)")
+    parser.add_argument("--image-column", default="image", help="manifest column with the image path or URI")
+    parser.add_argument("--caption-column", default="caption", help="manifest column with the caption")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset already at DST (it is deleted first; never a mix of old and new)")
+    add_config_arguments(parser, PrepareConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if not args.input and not args.captions:
+        raise SystemExit("error: give --input SRC, or --images and --captions for the real COCO layout")
+    try:
+        config = config_from_args(args, PrepareConfig)
+        source = find_source(args.input or "", images=args.images, captions=args.captions,
+                             instances=args.instances, image_column=args.image_column,
+                             caption_column=args.caption_column)
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        manifest = prepare(source, args.out, config, overwrite=args.overwrite)
+    except (SourceError, DestinationError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print(json.dumps(manifest["counts"], indent=2))
+    print(f"wrote {args.out}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

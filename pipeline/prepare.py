@@ -1,0 +1,213 @@
+"""The preparation pipeline: image rows -> decode -> regions -> one row per caption -> lexemes -> Parquet.
+
+Determinism: rows keep the source order (`preserve_order`), shards are cut in order into
+`part-00000.parquet`, ... so the same input and config write identical shards, whatever the
+number of actors. A destination that already holds anything is refused unless `overwrite`, which
+deletes it first; `dataset.json` is written last, so a dataset without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+import open_clip
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import spacy
+from ray.data import ActorPoolStrategy, DataContext, SaveMode
+from ray.data.datasource import FilenameProvider
+
+from harmoclip.config import PrepareConfig
+from harmoclip.model import register_tiny_configs
+from harmoclip.storage import is_remote, join, resolve
+
+from .images import decode_stage
+from .lexemes import LEXEME_TYPE, LexemeParser
+from .regions import GT_BOX_TYPE, REGION_TYPE, region_stage
+from .sources import Source, SourceError, read_image_rows
+
+SCHEMA_VERSION = 1
+DATASET_FILE = "dataset.json"
+REJECTS_DIR = "rejects"
+IMAGE_LEVEL_REASONS = {"unknown_image_id", "empty_image_path", "missing_image", "unreadable_image",
+                       "empty_image_file", "corrupt_image", "zero_size_image", "too_many_pixels"}
+
+SCHEMA_V1 = pa.schema([
+    ("sample_id", pa.string()), ("image_id", pa.string()), ("image_uri", pa.string()),
+    ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
+    ("caption", pa.string()), ("caption_index", pa.int32()), ("tokens", pa.list_(pa.int32())),
+    ("lexemes", pa.list_(LEXEME_TYPE)), ("regions", pa.list_(REGION_TYPE)), ("gt_boxes", pa.list_(GT_BOX_TYPE)),
+])
+REJECTS_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("image_id", pa.string()), ("image_uri", pa.string()),
+    ("caption_index", pa.int32()), ("caption", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()),
+])
+COUNTER_COLUMNS = ("boxes_clipped", "boxes_dropped", "lexemes_truncated")
+
+
+class DestinationError(ValueError):
+    """The output location cannot be used (already holds data, or unreachable)."""
+
+
+def explode_stage(batch: pa.Table) -> pa.Table:
+    """Image rows -> one row per caption. Image-level counters go to the first caption's row only,
+    so summing a column over the output counts each image once."""
+    rows = []
+    for image in batch.to_pylist():
+        for n, caption in enumerate(image["captions"]):
+            text = caption["caption"]
+            reason, detail = image["reject_reason"], image["reject_detail"]
+            if reason is None and (text is None or not text.strip()):
+                reason, detail = "empty_caption", f"caption {text!r} is empty or whitespace"
+            rows.append({
+                "sample_id": caption["sample_id"], "image_id": image["image_key"], "image_uri": image["image_uri"],
+                "image": None if reason else image["image"], "width": image["width"], "height": image["height"],
+                "caption": text, "caption_index": caption["caption_index"],
+                "regions": image["regions"], "gt_boxes": image["gt_boxes"],
+                "boxes_clipped": image["boxes_clipped"] if n == 0 else 0,
+                "boxes_dropped": image["boxes_dropped"] if n == 0 else 0,
+                "reject_reason": reason, "reject_detail": detail,
+            })
+    schema = pa.schema([f for f in SCHEMA_V1 if f.name not in ("tokens", "lexemes")]
+                       + [pa.field("boxes_clipped", pa.int32()), pa.field("boxes_dropped", pa.int32()),
+                          pa.field("reject_reason", pa.string()), pa.field("reject_detail", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def accepted_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch["reject_reason"])).select(SCHEMA_V1.names).cast(SCHEMA_V1)
+
+
+class ShardNames(FilenameProvider):
+    """`part-00000.parquet`, ...: stable names, so a re-run writes the same files."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.parquet"
+
+
+def check_destination(out: str, overwrite: bool) -> None:
+    """Fail fast (seconds) on an unreachable store, a missing bucket, or a non-empty destination."""
+    filesystem, path = resolve(out)
+    try:
+        if is_remote(out):
+            bucket = path.split("/", 1)[0]
+            if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise DestinationError(f"{out}: bucket {bucket!r} does not exist")
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            raise DestinationError(f"{out} is a file; --out must be a directory")
+        if info.type == pafs.FileType.Directory:
+            existing = filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
+            if existing and not overwrite:
+                what = "a prepared dataset" if any(i.base_name == DATASET_FILE for i in existing) else "files"
+                raise DestinationError(f"{out} already holds {what}; choose a new --out or pass --overwrite "
+                                       "(which deletes it first, so old and new shards never mix)")
+            if existing:
+                filesystem.delete_dir(path)
+    except OSError as err:
+        raise DestinationError(f"cannot use {out}: {err}") from err
+
+
+def _counts(table: pa.Table, rows_in: int) -> dict[str, Any]:
+    reasons = Counter(r for r in table["reject_reason"].to_pylist() if r)
+    accepted = table.filter(pc.is_null(table["reject_reason"]))
+    lexeme_counts = pc.list_value_length(accepted["lexemes"]).to_pylist()
+    counts = {
+        "rows_in": rows_in,
+        "rows_written": accepted.num_rows,
+        "rows_rejected": sum(reasons.values()),
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "images_written": len(set(accepted["image_id"].to_pylist())),
+        "lexemes": sum(lexeme_counts),
+        "captions_without_lexemes": sum(1 for n in lexeme_counts if n == 0),
+        "regions": sum(pc.list_value_length(accepted["regions"]).fill_null(0).to_pylist()),
+    }
+    counts.update({name: int(pc.sum(table[name]).as_py() or 0) for name in COUNTER_COLUMNS})
+    return counts
+
+
+def _write_rejects(table: pa.Table, out: str) -> None:
+    rejected = table.filter(pc.is_valid(table["reject_reason"]))
+    stage = ["image" if r in IMAGE_LEVEL_REASONS else "caption" for r in rejected["reject_reason"].to_pylist()]
+    rejects = pa.table({
+        "sample_id": rejected["sample_id"], "image_id": rejected["image_id"], "image_uri": rejected["image_uri"],
+        "caption_index": rejected["caption_index"], "caption": rejected["caption"], "stage": pa.array(stage, pa.string()),
+        "reason": rejected["reject_reason"], "detail": rejected["reject_detail"],
+    }, schema=REJECTS_SCHEMA)
+    filesystem, path = resolve(join(out, REJECTS_DIR))
+    filesystem.create_dir(path, recursive=True)
+    pq.write_table(rejects, f"{path}/rejects-00000.parquet", filesystem=filesystem)
+
+
+def _context_length(tokenizer: str) -> int:
+    register_tiny_configs()
+    return open_clip.get_tokenizer(tokenizer).context_length
+
+
+def _write_manifest(out: str, manifest: dict) -> None:
+    filesystem, path = resolve(join(out, DATASET_FILE))
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Run the pipeline on the current Ray cluster; returns the `dataset.json` content."""
+    check_destination(out, overwrite)
+    images = read_image_rows(source, config.proposals)
+    rows_in = sum(len(c) for c in images["captions"].to_pylist())
+    if rows_in == 0:
+        raise SourceError(f"{source.captions}: no captions found")
+    DataContext.get_current().execution_options.preserve_order = True
+
+    chunks = [images.slice(i, config.batch_size) for i in range(0, images.num_rows, config.batch_size)]
+    dataset = (
+        ray.data.from_arrow(chunks)
+        .map_batches(decode_stage, batch_format="pyarrow", batch_size=config.batch_size,
+                     fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
+                                "image_format": config.image_format})
+        .map_batches(region_stage, batch_format="pyarrow", batch_size=config.batch_size,
+                     fn_kwargs={"config": config})
+        .map_batches(explode_stage, batch_format="pyarrow", batch_size=config.batch_size)
+        .map_batches(LexemeParser, batch_format="pyarrow", batch_size=config.batch_size,
+                     compute=ActorPoolStrategy(size=config.lexeme_actors),
+                     fn_constructor_kwargs={"spacy_pipeline": config.spacy_pipeline,
+                                            "tokenizer_name": config.tokenizer})
+        .materialize()
+    )
+    summary = pa.concat_tables(
+        dataset.select_columns(["sample_id", "image_id", "image_uri", "caption_index", "caption", "lexemes",
+                                "regions", "reject_reason", "reject_detail", *COUNTER_COLUMNS])
+        .iter_batches(batch_format="pyarrow", batch_size=None))
+    counts = _counts(summary, rows_in)
+    if counts["rows_written"] + counts["rows_rejected"] != rows_in:
+        raise RuntimeError(f"row accounting is off: {counts}")
+
+    if counts["rows_written"]:
+        filesystem, path = resolve(out)
+        shards = max(1, math.ceil(counts["rows_written"] / config.rows_per_shard))
+        (dataset.map_batches(accepted_rows, batch_format="pyarrow", batch_size=None)
+         .repartition(shards, shuffle=False)
+         .write_parquet(path, filesystem=filesystem, filename_provider=ShardNames(), mode=SaveMode.OVERWRITE))
+    _write_rejects(summary, out)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "source": {"captions": source.captions, "images": source.images, "instances": source.instances},
+        "counts": counts,
+        "tokenizer": {"model": config.tokenizer, "context_length": _context_length(config.tokenizer)},
+        "spacy": {"pipeline": config.spacy_pipeline, "version": spacy.util.get_package_version(config.spacy_pipeline)},
+        "regions": {"method": config.regions, "max_regions": config.max_regions,
+                    "min_region_size": config.min_region_size, "proposals": config.proposals},
+        "config": asdict(config),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write_manifest(out, manifest)
+    return manifest

