@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import torch
 from open_clip.model import CLIP
@@ -25,3 +26,31 @@ def save_open_clip_weights(clip: CLIP, uri: str) -> str:
     if target != path:
         filesystem.move(target, path)
     return uri
+
+
+STATE_FILENAME = "training_state.pt"
+CONFIG_FILENAME = "harmoclip.json"
+
+
+def write_checkpoint(directory: str, clip: CLIP, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, config: dict) -> None:
+    """A resumable checkpoint (optimizer, scheduler, step, config) that also holds plain open_clip
+    weights and the model name, so `jobs.evaluate` and open_clip can use it directly."""
+    save_open_clip_weights(clip, f"{directory}/{WEIGHTS_FILENAME}")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+               f"{directory}/{STATE_FILENAME}")
+    with open(f"{directory}/{CONFIG_FILENAME}", "w") as handle:
+        json.dump({**config, "step": step}, handle, indent=2, sort_keys=True, default=str)
+
+
+def read_checkpoint_config(directory: str) -> dict:
+    filesystem, path = resolve(f"{directory.rstrip('/')}/{CONFIG_FILENAME}")
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{directory} is not a HarmoCLIP checkpoint: no {CONFIG_FILENAME}") from err
+
+
+def read_training_state(directory: str) -> dict:
+    return torch.load(f"{directory}/{STATE_FILENAME}", map_location="cpu", weights_only=True)

@@ -145,3 +145,42 @@ class PrepareConfig:
             raise ValueError("--regions file needs --proposals (a COCO detection-results JSON)")
         if self.max_side < 16 or self.lexeme_actors < 1 or self.batch_size < 1 or self.rows_per_shard < 1:
             raise ValueError("max_side must be >= 16 and lexeme_actors, batch_size, rows_per_shard >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, batching, checkpointing and tracking of one training run."""
+
+    steps: int = _help("Optimizer steps in total (ignored when --epochs is set).", default=300)
+    epochs: Optional[int] = _help("Passes over the prepared data; sets the step count.", default=None)
+    batch_size: int = _help("Samples per worker per step (the global batch is this x workers).", default=32)
+    lr: float = _help("Peak AdamW learning rate.", default=5e-4)
+    weight_decay: float = _help("AdamW weight decay (not applied to gains, biases, logit_scale).", default=0.1)
+    warmup_steps: int = _help("Linear warm-up steps before the cosine decay.", default=30)
+    grad_clip: float = _help("Clip the global gradient norm to this (0 disables).", default=1.0)
+    max_regions: int = _help("K: region slots per sample (more are cut, fewer are masked).", default=20)
+    max_lexemes: int = _help("L: lexeme slots per sample (more are cut, fewer are masked).", default=8)
+    checkpoint_every: int = _help("Save a checkpoint every this many steps (and at the end).", default=100)
+    log_every: int = _help("Report metrics to Ray Train and MLflow every this many steps.", default=10)
+    seed: int = _help("Seed of the initial weights and of data order.", default=0)
+    workers: int = _help("Ray Train workers (one process each; gloo on CPU, nccl on GPU).", default=1)
+    gpu: bool = _help("One GPU per worker, bf16 autocast, nccl.", default=False)
+    max_failures: int = _help("Worker failures to recover from, each from the latest checkpoint.", default=2)
+    mlflow_uri: Optional[str] = _help(
+        "MLflow tracking URI. None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db.", default=None
+    )
+    experiment: str = _help("MLflow experiment name.", default="harmoclip")
+    inject_crash_at_step: Optional[int] = _help(
+        "Testing only: the worker of rank --inject-crash-rank exits abruptly at this step, once.", default=None
+    )
+    inject_crash_rank: int = _help("Testing only: which rank --inject-crash-at-step kills.", default=1)
+    inject_nan_at_step: Optional[int] = _help("Testing only: make the loss NaN at this step.", default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_regions", "max_lexemes", "checkpoint_every", "log_every", "workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.max_failures < 0:
+            raise ValueError("lr must be > 0 and warmup_steps, grad_clip, max_failures >= 0")

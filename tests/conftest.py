@@ -76,10 +76,10 @@ def bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One real local Ray for the session (2 CPUs, like the machine)."""
+    """One real local Ray for the session: 2 cores plus 2 logical CPUs, as `jobs.common.init_ray` starts it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

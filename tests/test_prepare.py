@@ -184,3 +184,14 @@ def test_wrong_bucket_and_unreachable_store_fail_fast(s3_server, tmp_path, monke
     with pytest.raises(DestinationError, match="cannot use s3://harmo/out"):
         run(str(root), "s3://harmo/out")
     assert time.monotonic() - start < 30
+
+
+def test_cli_prepares_a_manifest_with_felzenszwalb_regions(ray_local, tmp_path, capsys):
+    root = good_coco(tmp_path / "coco", count=2)
+    lines = [json.dumps({"path": f"images/000{i}.png", "text": f"a red square and a blue circle {i}"}) for i in (1, 2)]
+    (root / "manifest.jsonl").write_text("\n".join(lines))
+    manifest = prepare_main(["--input", str(root / "manifest.jsonl"), "--out", str(tmp_path / "out"),
+                             "--image-column", "path", "--caption-column", "text", "--regions", "felzenszwalb"])
+    assert manifest["counts"]["rows_written"] == 2 and manifest["regions"]["method"] == "felzenszwalb"
+    assert all(r["regions"] and r["gt_boxes"] is None for r in read_rows(str(tmp_path / "out")))
+    assert '"rows_written": 2' in capsys.readouterr().out

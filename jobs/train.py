@@ -1,0 +1,229 @@
+"""Train HarmoCLIP (or the GC-only baseline: --lambda-lrc 0 --lambda-gr 0) with Ray Train.
+
+Reads a prepared dataset (jobs.prepare) streamed through Ray Data, trains on N workers with DDP
+(gloo on CPU, nccl + bf16 autocast with --gpu), checkpoints every --checkpoint-every steps to
+OUT (local path or s3://), and resumes from the latest checkpoint after a worker failure or when
+the same command is run again. Rank 0 logs the whole config and per-step metrics to MLflow.
+OUT ends up holding open_clip_weights.pt (loadable with open_clip.create_model(name,
+pretrained=...)) and harmoclip.json (model name and config) for jobs.evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
+from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, read_training_state, write_checkpoint
+from harmoclip.cli import add_config_arguments, config_from_args
+from harmoclip.config import TrainConfig, as_flat_dict
+from harmoclip.optim import adamw, warmup_cosine
+from harmoclip.storage import join, resolve
+from harmoclip.tracking import RunTracker, default_tracking_uri
+from jobs.common import init_ray, run_storage
+from pipeline.train_data import BatchSpec, DatasetError, training_dataset
+
+LOSS_TERMS = ("loss", "gc", "lrc", "gr")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything a worker needs, sent as Ray Train's `train_loop_config`."""
+
+    data: str
+    out: str
+    model: ModelConfig
+    method: MethodConfig
+    train: TrainConfig
+    total_steps: int
+    tracking_uri: str
+    parent_run_id: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {"data": self.data, "out": self.out, "total_steps": self.total_steps,
+                **as_flat_dict(self.model, self.method, self.train)}
+
+
+def _restore(model: HarmoCLIP) -> tuple[int, dict | None]:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, None
+    with checkpoint.as_directory() as directory:
+        model.clip.load_state_dict(torch.load(f"{directory}/{WEIGHTS_FILENAME}", map_location="cpu",
+                                              weights_only=True)["state_dict"])
+        state = read_training_state(directory)
+    return state["step"], state
+
+
+def _maybe_crash(spec: RunSpec, step: int, rank: int) -> None:
+    """Fault injection for tests: kill this worker process once, as a lost node would."""
+    if spec.train.inject_crash_at_step != step or spec.train.inject_crash_rank != rank:
+        return
+    run_key = hashlib.sha256(spec.out.encode()).hexdigest()[:16]
+    marker = os.path.join(tempfile.gettempdir(), f"harmoclip-crashed-{run_key}-{step}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+
+
+def train_worker(config: dict[str, RunSpec]) -> None:
+    """One Ray Train worker: 1. model and state, 2. data shard, 3. steps, 4. report and checkpoint."""
+    spec = config["spec"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    train = spec.train
+
+    # 1. The same initial weights on every worker, then the latest checkpoint if there is one.
+    torch.manual_seed(train.seed)
+    model = HarmoCLIP(create_clip(spec.model), spec.method)
+    step, state = _restore(model)
+    ddp_model = ray.train.torch.prepare_model(model)
+    optimizer = adamw(model, train.lr, train.weight_decay)
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, spec.total_steps)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    loss_fn = HarmoCLIPLoss(spec.method)
+    device = ray.train.torch.get_device()
+    tracker = (RunTracker(spec.tracking_uri, train.experiment, spec.out, os.path.basename(spec.out.rstrip("/")),
+                          spec.params(), spec.parent_run_id) if rank == 0 else None)
+
+    # 2. This worker's share of the Ray Data stream.
+    shard = ray.train.get_dataset_shard("train")
+    global_batch = train.batch_size * world_size
+    while step < spec.total_steps:
+        for batch in shard.iter_torch_batches(batch_size=train.batch_size, drop_last=True, device=device,
+                                              local_shuffle_buffer_size=4 * train.batch_size,
+                                              local_shuffle_seed=train.seed + step):
+            # 3. One optimizer step.
+            step += 1
+            start = time.perf_counter()
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.gpu):
+                losses = loss_fn(ddp_model(batch))
+            loss = losses["loss"].float()
+            if train.inject_nan_at_step == step:
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. The checkpoints of "
+                                         f"earlier steps in {spec.out} are intact (lower --lr or check the data)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.clip.logit_scale.clamp_(0, math.log(100))
+            _maybe_crash(spec, step, rank)
+
+            # 4. Metrics every log_every steps, a checkpoint every checkpoint_every steps and at the end.
+            final = step >= spec.total_steps
+            if step % train.log_every and step % train.checkpoint_every and not final:
+                continue
+            metrics = {k: float(losses[k].detach()) for k in LOSS_TERMS if k in losses}
+            metrics.update(step=step, lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item(),
+                           samples_per_s=global_batch / (time.perf_counter() - start),
+                           **{k: float(v) for k, v in losses.items() if k.endswith(("_empty", "_lexemes", "_images"))})
+            if tracker:
+                tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            if step % train.checkpoint_every == 0 or final:
+                with tempfile.TemporaryDirectory() as directory:
+                    checkpoint = None
+                    if rank == 0:
+                        write_checkpoint(directory, model.clip, optimizer, scheduler, step,
+                                         {"model": dataclasses.asdict(spec.model),
+                                          "method": dataclasses.asdict(spec.method)})
+                        checkpoint = ray.train.Checkpoint.from_directory(directory)
+                    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+            else:
+                ray.train.report(metrics)
+            if final:
+                break
+    if tracker:
+        tracker.finish()
+
+
+def _copy_final(checkpoint_path: str, filesystem, out: str) -> None:
+    """OUT/open_clip_weights.pt and OUT/harmoclip.json: the usable result, next to the checkpoints."""
+    out_fs, out_path = resolve(out)
+    for name in (WEIGHTS_FILENAME, CONFIG_FILENAME):
+        with filesystem.open_input_stream(f"{checkpoint_path}/{name}") as src, \
+                out_fs.open_output_stream(f"{out_path}/{name}") as dst:
+            dst.write(src.read())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="prepared dataset (jobs.prepare output), local or s3://")
+    parser.add_argument("--out", required=True, help="run folder for checkpoints and results, local or s3://")
+    parser.add_argument("--model", dest="model_name", default=ModelConfig.name, help="open_clip model name")
+    parser.add_argument("--pretrained", dest="model_pretrained", default=None,
+                        help="open_clip pretrained tag, local checkpoint file or s3:// URI")
+    add_config_arguments(parser, MethodConfig)
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: TrainConfig,
+        parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train on the current Ray cluster; returns the final metrics (also used by jobs.tune)."""
+    clip = create_clip(model)  # fail here, not in a worker, on a bad model name or weights
+    preprocess = clip.visual.preprocess_cfg
+    spec = BatchSpec(image_size=clip.visual.image_size[0], mean=tuple(preprocess["mean"]),
+                     std=tuple(preprocess["std"]), max_regions=train.max_regions, max_lexemes=train.max_lexemes,
+                     context_length=clip.context_length, negative_key=method.negative_key,
+                     lexeme_tokenizer=model.name if method.lexeme_embedding == "separate_text" else None)
+    dataset, manifest = training_dataset(data, spec, train.batch_size)
+    rows = manifest["counts"]["rows_written"]
+    steps_per_epoch = rows // (train.batch_size * train.workers)
+    if steps_per_epoch == 0:
+        raise DatasetError(f"{data} has {rows} rows: fewer than one global batch "
+                           f"({train.batch_size} x {train.workers} workers)")
+    total_steps = train.epochs * steps_per_epoch if train.epochs else train.steps
+    run_spec = RunSpec(data, out, model, method, train, total_steps,
+                       train.mlflow_uri or default_tracking_uri(out), parent_run_id)
+    storage_path, name, filesystem = run_storage(out)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": run_spec},
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.gpu),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    _copy_final(result.checkpoint.path, result.checkpoint.filesystem, out)
+    return {**result.metrics, "checkpoint": join(out, WEIGHTS_FILENAME), "tracking_uri": run_spec.tracking_uri}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    try:
+        model = config_from_args(args, ModelConfig, prefix="model_")
+        method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
+        init_ray()
+        metrics = run(args.data, args.out, model, method, train)
+    except (DatasetError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print("final: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
