@@ -73,16 +73,43 @@ class LexemeParser:
             raise ValueError(f"tokenizer of {tokenizer_name!r} has no BPE encode(); token spans need one")
         self.context_length = self.tokenizer.context_length
 
-    def token_position(self, caption: str, char_offset: int) -> int:
+    def _pieces(self, caption: str) -> list[tuple[int, int, list[int]]] | None:
+        """BPE ids of each regex word piece with its character range, from ONE cleaning pass.
+
+        Exact only when open_clip's cleaning leaves the caption unchanged but for case (true of
+        ordinary captions); otherwise None and the caller falls back to encoding prefixes.
+        """
+        tokenizer = self.tokenizer
+        cleaned = tokenizer.clean_fn(caption)
+        if cleaned != caption.lower() or len(cleaned) != len(caption):
+            return None
+        pieces = []
+        for match in tokenizer.pat.finditer(cleaned):
+            token = "".join(tokenizer.byte_encoder[b] for b in match.group().encode("utf-8"))
+            pieces.append((match.start(), match.end(), [tokenizer.encoder[t] for t in tokenizer.bpe(token).split(" ")]))
+        return pieces
+
+    def token_position(self, caption: str, char_offset: int, pieces: list | None) -> int:
         """Index in `tokens` of the first BPE token at or after `char_offset` (a word boundary)."""
+        if pieces is not None and not any(start < char_offset < end for start, end, _ in pieces):
+            return 1 + sum(len(ids) for _, end, ids in pieces if end <= char_offset)
         return 1 + len(self.tokenizer.encode(caption[:char_offset]))
 
-    def lexeme_rows(self, caption: str, doc: Doc) -> tuple[list[dict], int]:
+    def tokens(self, caption: str, pieces: list | None) -> list[int]:
+        """The tokenizer's output for the caption (start, BPE ids, end, truncated, zero-padded)."""
+        if pieces is None:
+            return self.tokenizer([caption])[0].tolist()
+        ids = [self.tokenizer.sot_token_id] + [i for _, _, piece in pieces for i in piece] + [self.tokenizer.eot_token_id]
+        if len(ids) > self.context_length:
+            ids = ids[: self.context_length - 1] + [self.tokenizer.eot_token_id]
+        return ids + [0] * (self.context_length - len(ids))
+
+    def lexeme_rows(self, caption: str, doc: Doc, pieces: list | None = None) -> tuple[list[dict], int]:
         """(lexemes that fit the context, number truncated away)."""
         rows, truncated = [], 0
         for lexeme in extract_lexemes(doc):
-            tok_start = self.token_position(caption, lexeme.char_start)
-            tok_end = self.token_position(caption, lexeme.char_end)
+            tok_start = self.token_position(caption, lexeme.char_start, pieces)
+            tok_end = self.token_position(caption, lexeme.char_end, pieces)
             if tok_end > self.context_length - 1 or tok_end <= tok_start:
                 truncated += 1
                 continue
@@ -96,10 +123,10 @@ class LexemeParser:
         lexemes: list = [None] * len(captions)
         truncated = [0] * len(captions)
         docs = self.nlp.pipe([captions[i] for i in live], batch_size=256)
-        encoded = self.tokenizer([captions[i] for i in live]) if live else []
-        for i, doc, ids in zip(live, docs, encoded):
-            lexemes[i], truncated[i] = self.lexeme_rows(captions[i], doc)
-            tokens[i] = ids.tolist()
+        for i, doc in zip(live, docs):
+            pieces = self._pieces(captions[i])
+            lexemes[i], truncated[i] = self.lexeme_rows(captions[i], doc, pieces)
+            tokens[i] = self.tokens(captions[i], pieces)
         return (batch.append_column("tokens", pa.array(tokens, pa.list_(pa.int32())))
                 .append_column("lexemes", pa.array(lexemes, pa.list_(LEXEME_TYPE)))
                 .append_column("lexemes_truncated", pa.array(truncated, pa.int32())))

@@ -67,3 +67,20 @@ def test_parser_batch_keeps_rejected_rows_untouched(parser):
 def test_unknown_spacy_pipeline_is_a_clear_error():
     with pytest.raises(OSError, match="'xx_nope' is not installed"):
         LexemeParser("xx_nope", TOKENIZER)
+
+
+@pytest.mark.parametrize("caption", [
+    "A red circle left of two large blue squares.",
+    "  leading spaces and  double spaces ",
+    "Caf\u00e9 &amp; cr\u00e8me br\u00fbl\u00e9e, it's the DOG's bowl!",
+    "emoji 🐶🎉 and numbers 1234 with hy-phens",
+    " ".join(["a red circle and"] * 20),
+])
+def test_fast_token_path_matches_the_tokenizer(parser, caption):
+    """The one-pass piece encoding gives exactly open_clip's tokens and the prefix-encode spans."""
+    tokenizer = open_clip.get_tokenizer(TOKENIZER)
+    pieces = parser._pieces(caption)
+    assert parser.tokens(caption, pieces) == tokenizer([caption])[0].tolist()
+    fast, _ = parser.lexeme_rows(caption, parser.nlp(caption), pieces)
+    slow, _ = parser.lexeme_rows(caption, parser.nlp(caption), None)
+    assert fast == slow
