@@ -32,7 +32,7 @@ from harmoclip.storage import is_remote, join, resolve
 from .images import decode_stage
 from .lexemes import LEXEME_TYPE, LexemeParser
 from .regions import GT_BOX_TYPE, REGION_TYPE, region_stage
-from .sources import Source, SourceError, read_image_rows
+from .sources import Source, SourceError, categories, read_image_rows
 
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"
@@ -206,6 +206,8 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
         "spacy": {"pipeline": config.spacy_pipeline, "version": spacy.util.get_package_version(config.spacy_pipeline)},
         "regions": {"method": config.regions, "max_regions": config.max_regions,
                     "min_region_size": config.min_region_size, "proposals": config.proposals},
+        "categories": [{"id": c["id"], "name": c["name"], **({"isthing": c["isthing"]} if "isthing" in c else {})}
+                       for c in categories(source.instances)],
         "config": asdict(config),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

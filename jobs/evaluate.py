@@ -1,0 +1,126 @@
+"""Evaluate a checkpoint: image-text retrieval and box classification, with the protocol printed.
+
+CKPT is a run folder or checkpoint folder of jobs.train (it holds harmoclip.json and
+open_clip_weights.pt), or an open_clip weights file with --model. DATA is a COCO-format folder
+(images/, captions.json, instances.json) or a prepared dataset. Embeddings are computed with
+Ray Data (a local Ray is started if none is running).
+
+Retrieval: image->text and text->image R@1/5/10 over all images and captions of DATA (an image
+has several captions; I2T counts a hit if any of them is in the top k). Box classification:
+every ground-truth box, its feature by RoIAlign on the dense map (and, for reference, by
+cropping and encoding the box), cosine against class-name embeddings averaged over prompt
+templates; top-1/top-5 micro accuracy and mean per-class accuracy (thing/stuff split when the
+categories carry `isthing`). harmony = harmonic mean of mean R@1 and box top-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import open_clip
+import torch
+
+from harmoclip import HarmoCLIP, ModelConfig, create_clip
+from harmoclip.checkpoint import WEIGHTS_FILENAME, read_checkpoint_config
+from harmoclip.metrics import DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall
+from harmoclip.storage import join, resolve
+from jobs.common import init_ray
+from pipeline.eval_data import embed, load_eval_set
+from pipeline.sources import SourceError
+from pipeline.train_data import DatasetError
+
+
+def model_of_checkpoint(checkpoint: str, model_name: str | None) -> ModelConfig:
+    """A run/checkpoint folder names its model in harmoclip.json; a bare weights file needs --model."""
+    if checkpoint.endswith((".pt", ".bin", ".safetensors", ".pth")):
+        if not model_name:
+            raise ValueError(f"{checkpoint} is a weights file: say which architecture it is with --model")
+        return ModelConfig(name=model_name, pretrained=checkpoint)
+    config = read_checkpoint_config(checkpoint)
+    return ModelConfig(name=model_name or config["model"]["name"], pretrained=join(checkpoint, WEIGHTS_FILENAME))
+
+
+def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+    model = model_of_checkpoint(checkpoint, model_name)
+    eval_set = load_eval_set(data)
+    if eval_set.rows.num_rows == 0:
+        raise DatasetError(f"{data}: no usable image to evaluate on (skipped: {eval_set.skipped})")
+    if not eval_set.categories:
+        raise DatasetError(f"{data} has no categories (COCO instances): box classification needs them")
+    embeddings = embed(eval_set, model, batch_size=batch_size)
+
+    harmo = HarmoCLIP(create_clip(model)).eval()
+    tokenizer = open_clip.get_tokenizer(model.name)
+    names = [c["name"] for c in eval_set.categories]
+    with torch.no_grad():
+        classes = class_text_embeddings(lambda texts: harmo.encode_text(tokenizer(texts))[0], names)
+    index_of = {c["id"]: i for i, c in enumerate(eval_set.categories)}
+    labels = torch.tensor([index_of[int(label)] for label in embeddings.labels], dtype=torch.long)
+    is_thing = (torch.tensor([bool(c["isthing"]) for c in eval_set.categories])
+                if all("isthing" in c for c in eval_set.categories) else None)
+
+    results: dict[str, Any] = {
+        "retrieval": retrieval_recall(embeddings.images, embeddings.texts, embeddings.text_to_image),
+        "box": {**box_classification(embeddings.regions, classes, labels, is_thing=is_thing),
+                "crop": box_classification(embeddings.crops, classes, labels, is_thing=is_thing)},
+    }
+    results["harmony"] = harmony(results)
+    image_size = harmo.image_size[0]
+    results["protocol"] = {
+        "data": data, "checkpoint": checkpoint, "model": model.name,
+        "images": int(embeddings.images.shape[0]), "captions": int(embeddings.texts.shape[0]),
+        "boxes": int(labels.numel()), "classes": len(names), "image_size": image_size,
+        "image_transform": f"whole image resized to {image_size}x{image_size} (no crop)",
+        "templates": list(DEFAULT_TEMPLATES),
+        "box_feature": "RoIAlign 1x1 (aligned) on the dense map; 'crop': box crop encoded as an image",
+        "skipped_images": eval_set.skipped,
+    }
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    p, r, b = results["protocol"], results["retrieval"], results["box"]
+    lines = [
+        f"data {p['data']}: {p['images']} images, {p['captions']} captions, {p['boxes']} boxes, "
+        f"{p['classes']} classes; {p['model']} at {p['image_size']} px, {p['image_transform']}; "
+        f"{len(p['templates'])} prompt templates",
+        "| metric | value |", "|---|---|",
+        *(f"| retrieval {d} R@{k} | {100 * r[d][f'r{k}']:.1f} |" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+        *(f"| box {name} (RoIAlign) | {100 * b[key]:.1f} |" for key, name in
+          (("top1", "top-1 micro"), ("top5", "top-5 micro"), ("macc1", "top-1 mean per class"),
+           ("macc5", "top-5 mean per class"))),
+        f"| box top-1 micro (crop-and-encode) | {100 * b['crop']['top1']:.1f} |",
+        f"| harmony (harmonic mean of mean R@1 and box top-1) | {100 * results['harmony']:.1f} |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run/checkpoint folder or weights file (local or s3://)")
+    parser.add_argument("--data", required=True, help="COCO-format folder or prepared dataset (local or s3://)")
+    parser.add_argument("--out", default=None, help="write results.json here (local or s3://)")
+    parser.add_argument("--model", default=None, help="open_clip model name (needed for a bare weights file)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
+    args = parser.parse_args(argv)
+    try:
+        init_ray()
+        results = evaluate(args.checkpoint, args.data, args.model, args.batch_size)
+    except (DatasetError, SourceError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    print(format_table(results))
+    if args.out:
+        filesystem, path = resolve(args.out)
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(json.dumps(results, indent=2).encode())
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
