@@ -1,0 +1,75 @@
+"""jobs.evaluate on a COCO folder and on its prepared twin, and the demo end to end (small)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harmoclip import ModelConfig, create_clip
+from harmoclip.checkpoint import save_open_clip_weights
+from harmoclip.config import PrepareConfig
+from jobs import demo as demo_job
+from jobs import evaluate as evaluate_job
+from pipeline.prepare import prepare
+from pipeline.sources import find_source
+from pipeline.synthetic import write_shapes_dataset
+
+REQUIRED = [("retrieval", "i2t", "r1"), ("retrieval", "i2t", "r5"), ("retrieval", "i2t", "r10"),
+            ("retrieval", "t2i", "r1"), ("retrieval", "t2i", "r5"), ("retrieval", "t2i", "r10"),
+            ("box", "top1"), ("box", "top5"), ("box", "macc1"), ("box", "macc5"), ("harmony",)]
+
+
+def _value(results: dict, path: tuple[str, ...]) -> float:
+    for key in path:
+        results = results[key]
+    return results
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    return save_open_clip_weights(create_clip(ModelConfig(name="harmo-micro")),
+                                  str(tmp_path_factory.mktemp("w") / "weights.pt"))
+
+
+def test_coco_folder_and_prepared_twin_give_the_same_numbers(ray_local, weights, tmp_path, capsys):
+    coco = tmp_path / "val"
+    write_shapes_dataset(str(coco), images=12, seed=3, size=48, captions_per_image=2)
+    prepare(find_source(str(coco)), str(tmp_path / "prepared"),
+            PrepareConfig(regions="gt", image_format="png", tokenizer="harmo-micro"))
+    out = tmp_path / "results.json"
+    from_coco = evaluate_job.main(["--checkpoint", weights, "--model", "harmo-micro", "--data", str(coco),
+                                   "--out", str(out)])
+    from_prepared = evaluate_job.evaluate(weights, str(tmp_path / "prepared"), model_name="harmo-micro")
+    for path in REQUIRED:
+        assert 0.0 <= _value(from_coco, path) <= 1.0
+        assert _value(from_coco, path) == pytest.approx(_value(from_prepared, path), abs=1e-6), path
+    protocol = from_coco["protocol"]
+    assert protocol["images"] == 12 and protocol["captions"] == 24 and protocol["classes"] == 48
+    assert from_coco["box"]["thing"]["top1"] == from_coco["box"]["top1"]  # all shapes are things
+    assert json.loads(out.read_text())["retrieval"]["i2t"]["r10"] == from_coco["retrieval"]["i2t"]["r10"]
+    printed = capsys.readouterr().out
+    assert "12 images, 24 captions" in printed and "harmony" in printed
+
+
+def test_bare_weights_file_needs_the_model_name(weights):
+    with pytest.raises(SystemExit):
+        evaluate_job.main(["--checkpoint", weights, "--data", "/nonexistent"])
+
+
+def test_demo_end_to_end_small(ray_local, tmp_path):
+    out = tmp_path / "demo"
+    results = demo_job.main(["--out", str(out), "--train-images", "40", "--val-images", "12", "--steps", "6",
+                             "--batch-size", "8", "--checkpoint-every", "6", "--log-every", "2",
+                             "--warmup-steps", "2", "--regions", "grid"])
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved) == {"baseline", "harmoclip"}
+    for name in saved:
+        assert all(0.0 <= _value(saved[name], path) <= 1.0 for path in REQUIRED)
+        assert saved[name]["checkpoint"] == str(out / "runs" / name)
+        again = evaluate_job.evaluate(saved[name]["checkpoint"], str(out / "data" / "val"))
+        assert again["box"]["top1"] == pytest.approx(saved[name]["box"]["top1"])
+    assert (out / "demo.png").stat().st_size > 10_000
+    assert results["baseline"]["protocol"]["model"] == "harmo-tiny"
