@@ -17,20 +17,19 @@ import torch
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
 from harmoclip.batch import synthetic_batch
+from harmoclip.optim import adamw, apply_gradients, warmup_cosine
 
 
 def _step_fn(model_name: str, method: MethodConfig, batch: dict, seed: int):
     torch.manual_seed(seed)
     model = HarmoCLIP(create_clip(ModelConfig(name=model_name)), method)
     loss_fn = HarmoCLIPLoss(method)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = adamw(model, lr=1e-5, weight_decay=0.1)
+    scheduler = warmup_cosine(optimizer, warmup_steps=10, total_steps=1000)
 
     def step() -> float:
         start = time.perf_counter()
-        losses = loss_fn(model(batch))
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        apply_gradients(loss_fn(model(batch))["loss"], model, optimizer, scheduler, grad_clip=1.0)
         return time.perf_counter() - start
 
     return step

@@ -28,3 +28,18 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_gradients(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> None:
+    """Backward, clip, step, schedule, and clamp logit_scale at 100 as open_clip's trainer does."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("logit_scale"):
+                param.clamp_(0, math.log(100))

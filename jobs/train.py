@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import math
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, creat
 from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, read_training_state, write_checkpoint
 from harmoclip.cli import add_config_arguments, config_from_args
 from harmoclip.config import TrainConfig, as_flat_dict
-from harmoclip.optim import adamw, warmup_cosine
+from harmoclip.optim import adamw, apply_gradients, warmup_cosine
 from harmoclip.storage import join, resolve
 from harmoclip.tracking import RunTracker, default_tracking_uri
 from jobs.common import init_ray, run_storage
@@ -86,7 +85,9 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     train = spec.train
 
-    # 1. The same initial weights on every worker, then the latest checkpoint if there is one.
+    # 1. The node's cores shared by its workers (Ray would pin each to one thread), the same
+    #    initial weights on every worker, then the latest checkpoint if there is one.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     torch.manual_seed(train.seed)
     model = HarmoCLIP(create_clip(spec.model), spec.method)
     step, state = _restore(model)
@@ -104,10 +105,11 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     # 2. This worker's share of the Ray Data stream.
     shard = ray.train.get_dataset_shard("train")
     global_batch = train.batch_size * world_size
+    first_step, first_step_done = step + 1, None  # throughput is measured from the end of the first step
     while step < spec.total_steps:
         for batch in shard.iter_torch_batches(batch_size=train.batch_size, drop_last=True, device=device,
                                               local_shuffle_buffer_size=4 * train.batch_size,
-                                              local_shuffle_seed=train.seed + step):
+                                              local_shuffle_seed=train.seed + step, prefetch_batches=4):
             # 3. One optimizer step.
             step += 1
             start = time.perf_counter()
@@ -119,15 +121,10 @@ def train_worker(config: dict[str, RunSpec]) -> None:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. The checkpoints of "
                                          f"earlier steps in {spec.out} are intact (lower --lr or check the data)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, math.log(100))
+            apply_gradients(loss, model, optimizer, scheduler, train.grad_clip)
             _maybe_crash(spec, step, rank)
+            if first_step_done is None:
+                first_step_done = time.perf_counter()
 
             # 4. Metrics every log_every steps, a checkpoint every checkpoint_every steps and at the end.
             final = step >= spec.total_steps
@@ -136,6 +133,8 @@ def train_worker(config: dict[str, RunSpec]) -> None:
             metrics = {k: float(losses[k].detach()) for k in LOSS_TERMS if k in losses}
             metrics.update(step=step, lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item(),
                            samples_per_s=global_batch / (time.perf_counter() - start),
+                           wall_samples_per_s=(step - first_step) * global_batch
+                           / max(time.perf_counter() - first_step_done, 1e-9),
                            **{k: float(v) for k, v in losses.items() if k.endswith(("_empty", "_lexemes", "_images"))})
             if tracker:
                 tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
