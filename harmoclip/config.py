@@ -153,6 +153,9 @@ class TrainConfig:
 
     steps: int = _help("Optimizer steps in total (ignored when --epochs is set).", default=300)
     epochs: Optional[int] = _help("Passes over the prepared data; sets the step count.", default=None)
+    schedule_steps: Optional[int] = _help(
+        "Length of the LR schedule (default: the step count). Larger lets a run stop early and continue "
+        "later on the same schedule, as jobs.tune's ASHA rungs do.", default=None)
     batch_size: int = _help("Samples per worker per step (the global batch is this x workers).", default=32)
     lr: float = _help("Peak AdamW learning rate.", default=5e-4)
     weight_decay: float = _help("AdamW weight decay (not applied to gains, biases, logit_scale).", default=0.1)

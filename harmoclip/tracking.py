@@ -26,13 +26,21 @@ def default_tracking_uri(out: str) -> str:
     return f"sqlite:///{base}/mlflow.db"
 
 
+def artifact_root(tracking_uri: str) -> Optional[str]:
+    """Artifacts of a sqlite store live beside it (MLflow's default is ./mlruns in the cwd)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
+    return None
+
+
 class RunTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_key: str, run_name: str,
                  params: dict[str, Any], parent_run_id: Optional[str] = None) -> None:
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         experiment_obj = self.client.get_experiment_by_name(experiment)
-        experiment_id = (experiment_obj.experiment_id if experiment_obj else self.client.create_experiment(experiment))
+        experiment_id = (experiment_obj.experiment_id if experiment_obj
+                         else self.client.create_experiment(experiment, artifact_location=artifact_root(tracking_uri)))
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_key}'",
                                         max_results=1)
         if found:
@@ -49,6 +57,9 @@ class RunTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: str) -> None:
+        self.client.log_artifact(self.run_id, path)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

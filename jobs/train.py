@@ -48,6 +48,7 @@ class RunSpec:
     method: MethodConfig
     train: TrainConfig
     total_steps: int
+    schedule_steps: int
     tracking_uri: str
     parent_run_id: str | None = None
 
@@ -93,7 +94,7 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     step, state = _restore(model)
     ddp_model = ray.train.torch.prepare_model(model)
     optimizer = adamw(model, train.lr, train.weight_decay)
-    scheduler = warmup_cosine(optimizer, train.warmup_steps, spec.total_steps)
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, spec.schedule_steps)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -193,7 +194,7 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
         raise DatasetError(f"{data} has {rows} rows: fewer than one global batch "
                            f"({train.batch_size} x {train.workers} workers)")
     total_steps = train.epochs * steps_per_epoch if train.epochs else train.steps
-    run_spec = RunSpec(data, out, model, method, train, total_steps,
+    run_spec = RunSpec(data, out, model, method, train, total_steps, max(total_steps, train.schedule_steps or 0),
                        train.mlflow_uri or default_tracking_uri(out), parent_run_id)
     storage_path, name, filesystem = run_storage(out)
     trainer = TorchTrainer(
