@@ -1,0 +1,43 @@
+"""cluster.yaml validates against the schema shipped in the Ray wheel, and is safe to share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load() -> dict:
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(load(), schema)
+
+
+def test_cluster_yaml_has_gpu_workers_spot_and_no_open_ports():
+    config = load()
+    nodes = config["available_node_types"]
+    assert "GPU" not in nodes[config["head_node_type"]]["resources"]
+    gpu = [n for n in nodes.values() if n["resources"].get("GPU")]
+    assert gpu and all(n["max_workers"] >= 1 and n["min_workers"] == 0 for n in gpu)
+    assert any(n["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for n in gpu)
+    for rule in config["provider"]["security_group"]["IpPermissions"]:
+        assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule["IpRanges"])
+    assert all("IamInstanceProfile" in n["node_config"] for n in nodes.values())
+
+
+def test_cluster_yaml_holds_no_credentials_and_uses_token_auth():
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "aws_access_key_id" not in text.lower() and "AKIA" not in text and "aws_secret" not in text.lower()
+    config = load()
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert "RAY_AUTH_MODE=token" in command
+    assert "scripts/setup.sh" in " ".join(config["setup_commands"])  # installed exactly as the README does
