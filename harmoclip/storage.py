@@ -7,11 +7,13 @@ MinIO or a test server on 127.0.0.1) is honoured everywhere at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+import boto3
 import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
@@ -21,11 +23,33 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
+class StorageError(OSError):
+    """An object store that cannot be used at all (no credentials): named, never retried."""
+
+
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+                   "AWS_EC2_METADATA_DISABLED")
+
+
 def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
-    """An S3 client that fails in seconds rather than retrying for minutes on a bad endpoint."""
+    """An S3 client that fails in seconds rather than retrying for minutes on a bad endpoint.
+
+    Cached per endpoint and credential environment: stages call this for every file they read.
+    """
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return _s3_filesystem(endpoint_url, region, tuple(os.environ.get(k) for k in _CREDENTIAL_ENV))
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint_url: str | None, region: str, credential_env: tuple) -> pafs.S3FileSystem:
+    # boto3's credential chain (env, profiles, instance profile) answers in about a second; without
+    # this, pyarrow would send unsigned requests and fail later with a less helpful error.
+    if boto3.Session().get_credentials() is None:
+        raise StorageError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                           "or run on a machine with an instance profile")
     kwargs: dict = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        "region": region,
         "connect_timeout": 5,
         "request_timeout": 30,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
@@ -40,7 +64,10 @@ def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """`(filesystem, path within it)` for a local path or an `s3://bucket/key` URI."""
     if is_remote(uri):
-        return s3_filesystem(), uri[len(S3_SCHEME):].rstrip("/")
+        try:
+            return s3_filesystem(), uri[len(S3_SCHEME):].rstrip("/")
+        except StorageError as err:
+            raise StorageError(f"{uri}: {err}") from None
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 

@@ -96,8 +96,8 @@ class ShardNames(FilenameProvider):
 
 def check_destination(out: str, overwrite: bool) -> None:
     """Fail fast (seconds) on an unreachable store, a missing bucket, or a non-empty destination."""
-    filesystem, path = resolve(out)
     try:
+        filesystem, path = resolve(out)
         if is_remote(out):
             bucket = path.split("/", 1)[0]
             if filesystem.get_file_info(bucket).type == pafs.FileType.NotFound:

@@ -48,8 +48,8 @@ class Source:
 
 
 def _exists(uri: str) -> bool:
-    filesystem, path = resolve(uri)
     try:
+        filesystem, path = resolve(uri)
         return filesystem.get_file_info(path).type != pafs.FileType.NotFound
     except OSError as err:
         raise SourceError(f"cannot reach {uri}: {err}") from err

@@ -195,3 +195,17 @@ def test_cli_prepares_a_manifest_with_felzenszwalb_regions(ray_local, tmp_path, 
     assert manifest["counts"]["rows_written"] == 2 and manifest["regions"]["method"] == "felzenszwalb"
     assert all(r["regions"] and r["gt_boxes"] is None for r in read_rows(str(tmp_path / "out")))
     assert '"rows_written": 2' in capsys.readouterr().out
+
+
+def test_missing_credentials_fail_fast_naming_the_uri(s3_server, tmp_path, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    start = time.monotonic()
+    with pytest.raises(SourceError, match="s3://harmo/raw.*no AWS credentials found"):
+        find_source("s3://harmo/raw")
+    with pytest.raises(DestinationError, match="s3://harmo/out.*no AWS credentials found"):
+        run(str(good_coco(tmp_path / "coco", count=1)), "s3://harmo/out")
+    assert time.monotonic() - start < 10
