@@ -168,6 +168,9 @@ class TrainConfig:
     seed: int = _help("Seed of the initial weights and of data order.", default=0)
     workers: int = _help("Ray Train workers (one process each; gloo on CPU, nccl on GPU).", default=1)
     gpu: bool = _help("One GPU per worker, bf16 autocast, nccl.", default=False)
+    placement: Literal["PACK", "SPREAD"] = _help(
+        "Ray placement of the workers: PACK fills a node first, SPREAD puts them on different nodes.",
+        default="PACK")
     max_failures: int = _help("Worker failures to recover from, each from the latest checkpoint.", default=2)
     mlflow_uri: Optional[str] = _help(
         "MLflow tracking URI. None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db.", default=None

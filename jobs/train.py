@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -85,6 +86,7 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     train = spec.train
+    print(f"worker rank {rank}/{world_size} on node {ray.get_runtime_context().get_node_id()}", flush=True)
 
     # 1. The node's cores shared by its workers (Ray would pin each to one thread), the same
     #    initial weights on every worker, then the latest checkpoint if there is one.
@@ -200,7 +202,8 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": run_spec},
-        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.gpu),
+        scaling_config=ScalingConfig(num_workers=train.workers, use_gpu=train.gpu,
+                                     placement_strategy=train.placement),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
