@@ -27,18 +27,15 @@ from jobs import train as train_job
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
-from pipeline.train_data import BatchSpec, training_dataset
+from pipeline.train_data import training_dataset
 
 def in_memory_rate(data: str, model_config: ModelConfig, method: MethodConfig, train: TrainConfig) -> float:
+    torch.manual_seed(train.seed)
     clip = create_clip(model_config)
-    spec = BatchSpec(image_size=clip.visual.image_size[0], mean=tuple(clip.visual.preprocess_cfg["mean"]),
-                     std=tuple(clip.visual.preprocess_cfg["std"]), max_regions=train.max_regions,
-                     max_lexemes=train.max_lexemes, context_length=clip.context_length)
-    dataset, _ = training_dataset(data, spec, train.batch_size)
+    dataset, _ = training_dataset(data, train_job.batch_spec(clip, model_config, method, train), train.batch_size)
     batches = [{k: torch.as_tensor(np.asarray(v)) for k, v in b.items()}
                for b in dataset.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True)]
-    torch.manual_seed(train.seed)
-    model = HarmoCLIP(create_clip(model_config), method)
+    model = HarmoCLIP(clip, method)
     loss_fn = HarmoCLIPLoss(method)
     optimizer = adamw(model, train.lr, train.weight_decay)
     scheduler = warmup_cosine(optimizer, train.warmup_steps, train.steps)

@@ -180,16 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def batch_spec(clip: torch.nn.Module, model: ModelConfig, method: MethodConfig, train: TrainConfig) -> BatchSpec:
+    """What the data pipeline must produce for this model and objective (also used by bench.train)."""
+    preprocess = clip.visual.preprocess_cfg
+    return BatchSpec(image_size=clip.visual.image_size[0], mean=tuple(preprocess["mean"]),
+                     std=tuple(preprocess["std"]), max_regions=train.max_regions, max_lexemes=train.max_lexemes,
+                     context_length=clip.context_length, negative_key=method.negative_key,
+                     lexeme_tokenizer=model.name if method.lexeme_embedding == "separate_text" else None)
+
+
 def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: TrainConfig,
         parent_run_id: str | None = None) -> dict[str, Any]:
     """Train on the current Ray cluster; returns the final metrics (also used by jobs.tune)."""
     clip = create_clip(model)  # fail here, not in a worker, on a bad model name or weights
-    preprocess = clip.visual.preprocess_cfg
-    spec = BatchSpec(image_size=clip.visual.image_size[0], mean=tuple(preprocess["mean"]),
-                     std=tuple(preprocess["std"]), max_regions=train.max_regions, max_lexemes=train.max_lexemes,
-                     context_length=clip.context_length, negative_key=method.negative_key,
-                     lexeme_tokenizer=model.name if method.lexeme_embedding == "separate_text" else None)
-    dataset, manifest = training_dataset(data, spec, train.batch_size)
+    dataset, manifest = training_dataset(data, batch_spec(clip, model, method, train), train.batch_size)
     rows = manifest["counts"]["rows_written"]
     steps_per_epoch = rows // (train.batch_size * train.workers)
     if steps_per_epoch == 0:
