@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model, a synthetic batch, and a real S3-speaking server on 127.0.0.1."""
+"""Shared fixtures: a tiny model, a synthetic batch, a real S3-speaking server on 127.0.0.1, a local
+Ray, and a tiny prepared dataset."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import torch
 
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.batch import synthetic_batch
+from harmoclip.config import PrepareConfig
+from pipeline.prepare import prepare
+from pipeline.sources import find_source
+from pipeline.synthetic import write_shapes_dataset
 
 TEST_MODEL = "harmo-micro"
 
@@ -84,3 +89,13 @@ def ray_local(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory) -> str:
+    """A tiny prepared dataset (16 synthetic images, 2 captions each, gt regions) for training runs."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(str(root), images=16, seed=0, size=48, captions_per_image=2)
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(find_source(str(root)), str(out), PrepareConfig(regions="gt", tokenizer=TEST_MODEL, batch_size=8))
+    return str(out)

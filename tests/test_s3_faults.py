@@ -12,14 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 import boto3
-import pytest
 
 from harmoclip import MethodConfig, ModelConfig
-from harmoclip.config import PrepareConfig, TrainConfig
+from harmoclip.config import TrainConfig
 from jobs import train as train_job
-from pipeline.prepare import prepare
-from pipeline.sources import find_source
-from pipeline.synthetic import write_shapes_dataset
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
@@ -30,6 +26,7 @@ class FlakyProxy:
 
     def __init__(self, upstream: str, marker: str, failures: int) -> None:
         self.failed, self.forwarded_puts = 0, 0
+        lock = threading.Lock()  # uploads can overlap: exactly `failures` of them must fail
         upstream_host = urlparse(upstream).netloc
         proxy = self
 
@@ -49,15 +46,18 @@ class FlakyProxy:
 
             def _relay(self) -> None:
                 body = self._read_body()
-                if self.command == "PUT" and marker in self.path and proxy.failed < failures:
-                    proxy.failed += 1
+                is_checkpoint_put = self.command == "PUT" and marker in self.path
+                with lock:
+                    fail = is_checkpoint_put and proxy.failed < failures
+                    proxy.failed += fail
+                    proxy.forwarded_puts += is_checkpoint_put and not fail
+                if fail:
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(SLOW_DOWN)))
                     self.end_headers()
                     self.wfile.write(SLOW_DOWN)
                     return
-                proxy.forwarded_puts += self.command == "PUT" and marker in self.path
                 connection = http.client.HTTPConnection(upstream_host, timeout=30)
                 headers = {key: value for key, value in self.headers.items()
                            if key.lower() not in ("transfer-encoding", "expect", "content-length", "connection")}
@@ -92,14 +92,11 @@ class FlakyProxy:
         self.server.server_close()
 
 
-def test_checkpoint_upload_survives_transient_s3_errors(ray_local, s3_server, bucket, tmp_path, monkeypatch):
-    root = tmp_path / "shapes"
-    write_shapes_dataset(str(root), images=12, seed=0, size=48, captions_per_image=2)
-    prepare(find_source(str(root)), str(tmp_path / "prepared"), PrepareConfig(regions="gt", tokenizer="harmo-micro"))
+def test_checkpoint_upload_survives_transient_s3_errors(prepared, s3_server, bucket, tmp_path, monkeypatch):
     with FlakyProxy(s3_server, marker="checkpoint_", failures=2) as proxy:
         # The driver's S3 client goes through the proxy; Ray Train uploads checkpoints with it.
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        result = train_job.run(str(tmp_path / "prepared"), f"s3://{bucket}/runs/flaky", ModelConfig(name="harmo-micro"),
+        result = train_job.run(prepared, f"s3://{bucket}/runs/flaky", ModelConfig(name="harmo-micro"),
                                MethodConfig(), TrainConfig(steps=4, batch_size=4, checkpoint_every=2, log_every=2,
                                                            max_failures=0, mlflow_uri=f"sqlite:///{tmp_path}/m.db"))
     assert proxy.failed == 2 and proxy.forwarded_puts > 0

@@ -9,22 +9,10 @@ from ray.train import TrainingFailedError
 
 import open_clip
 from harmoclip import MethodConfig, ModelConfig, register_tiny_configs
-from harmoclip.config import PrepareConfig, TrainConfig
+from harmoclip.config import TrainConfig
 from jobs import train as train_job
-from pipeline.prepare import prepare
-from pipeline.sources import find_source
-from pipeline.synthetic import write_shapes_dataset
 
 MODEL = ModelConfig(name="harmo-micro")
-
-
-@pytest.fixture(scope="module")
-def prepared(ray_local, tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(str(root), images=16, seed=0, size=48, captions_per_image=2)
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare(find_source(str(root)), str(out), PrepareConfig(regions="gt", tokenizer="harmo-micro", batch_size=8))
-    return str(out)
 
 
 def _train(prepared: str, out, **overrides) -> dict:
