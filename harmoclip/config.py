@@ -45,6 +45,18 @@ class MethodConfig:
         "as its own short text (one more text pass).",
         default="token_span_mean",
     )
+    lexeme_unit: Literal["noun_chunk", "word"] = _help(
+        "Assumption: what a lexeme is. noun_chunk: a noun chunk without leading determiners "
+        "('red circle'); word: every content word of those chunks on its own ('red', 'circle'), "
+        "keyed by its own lemma.",
+        default="noun_chunk",
+    )
+    negative_key: Literal["root_lemma", "phrase_lemma"] = _help(
+        "Assumption (noun_chunk units): lexemes sharing this key are never negatives of each other. "
+        "root_lemma masks 'red circle' vs 'blue circle' (colour gets no negative); phrase_lemma "
+        "masks only identical lemmatised phrases. Word units are always keyed by their lemma.",
+        default="root_lemma",
+    )
     region_pooling: Literal["max", "softmax"] = _help(
         "Assumption: how a lexeme is scored against an image's regions in LRC: the best region "
         "(max) or a softmax-weighted mean of all regions (softmax).",
@@ -54,30 +66,47 @@ class MethodConfig:
         "Temperature of the softmax region pooling (only with region_pooling=softmax).", default=0.05
     )
     lrc_temperature: Optional[float] = _help(
-        "Assumption: LRC softmax temperature. None shares the model's learnable logit_scale.",
+        "Assumption: a fixed LRC softmax temperature. None shares the model's learnable logit_scale "
+        "(or uses LRC's own, with lrc_learnable_temperature).",
         default=None,
+    )
+    lrc_learnable_temperature: bool = _help(
+        "Give LRC its own learnable logit scale, initialised as the model's logit_scale (a training "
+        "parameter only: checkpoints stay plain open_clip weights).",
+        default=False,
     )
     lrc_region_to_lexeme: bool = _help(
         "Assumption: also contrast each lexeme's matched region against the batch's lexemes "
         "(the second InfoNCE direction). False keeps only lexeme -> images.",
         default=True,
     )
-    gr_mode: Literal["contrastive", "consistency"] = _help(
-        "Assumption: contrastive contrasts the attention-fused regions with the batch's captions "
-        "(InfoNCE); consistency pulls the fused regions towards the stop-gradient global image "
-        "embedding (1 - cosine).",
+    gr_mode: Literal["contrastive", "consistency", "distribution"] = _help(
+        "Assumption: how the attention-fused regions of an image meet the global view. "
+        "contrastive: InfoNCE of fused regions against the batch's captions; consistency: "
+        "1 - cosine to the stop-gradient global image embedding; distribution: KL from the "
+        "stop-gradient global image embedding's softmax over the batch's captions to the fused "
+        "regions' softmax over the same captions (regions and global view agree on what is present).",
         default="contrastive",
+    )
+    gr_detach_query: bool = _help(
+        "Stop the gradient of the fusion's attention query (the global image embedding), so GR "
+        "never moves the global image embedding through the attention weights.",
+        default=False,
+    )
+    gr_detach_text: bool = _help(
+        "Stop the gradient of the caption embeddings in GR (contrastive and distribution modes), "
+        "so GR never pulls the text tower towards region features.",
+        default=False,
     )
     gr_attention_temperature: float = _help(
         "Assumption: temperature of the attention that fuses regions with the global image "
         "embedding as query.",
         default=0.1,
     )
-    negative_key: Literal["root_lemma", "phrase_lemma"] = _help(
-        "Assumption: lexemes sharing this key are never negatives of each other. root_lemma "
-        "(DESIGN default) masks 'red circle' vs 'blue circle'; phrase_lemma only masks identical "
-        "lemmatised phrases.",
-        default="root_lemma",
+    gr_learnable_temperature: bool = _help(
+        "Give GR its own learnable logit scale, initialised as the model's logit_scale (a training "
+        "parameter only). False shares the model's logit_scale.",
+        default=False,
     )
 
     def __post_init__(self) -> None:
@@ -89,6 +118,8 @@ class MethodConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.lrc_temperature is not None and self.lrc_temperature <= 0:
             raise ValueError(f"lrc_temperature must be > 0 or None, got {self.lrc_temperature}")
+        if self.lrc_temperature is not None and self.lrc_learnable_temperature:
+            raise ValueError("lrc_temperature (fixed) and lrc_learnable_temperature exclude each other")
 
     @property
     def needs_regions(self) -> bool:

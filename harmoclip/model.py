@@ -110,6 +110,16 @@ class HarmoCLIP(nn.Module):
             raise ValueError("the last vision block must be a batch-first open_clip ResidualAttentionBlock")
         self.clip = clip
         self.method = method or MethodConfig()
+        # Optional loss temperatures of LRC and GR: training parameters, not part of the model
+        # that is saved (checkpoints stay plain open_clip weights); initialised as CLIP's.
+        for name, wanted in (("lrc_logit_scale", self.method.lrc_learnable_temperature),
+                             ("gr_logit_scale", self.method.gr_learnable_temperature)):
+            if wanted:
+                setattr(self, name, nn.Parameter(clip.logit_scale.detach().clone()))
+
+    def loss_parameters(self) -> dict[str, torch.Tensor]:
+        """The parameters outside `clip` (learnable LRC/GR temperatures), for the training state."""
+        return {name: param for name, param in self.named_parameters() if not name.startswith("clip.")}
 
     @property
     def context_length(self) -> int:
@@ -165,7 +175,8 @@ class HarmoCLIP(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Everything `HarmoCLIPLoss` needs, from one batch dict (see README 'Batch format').
 
-        Inputs: images (B,3,H,W); tokens (B,C); and when regions are on: boxes (B,K,4)
+        Inputs: images (B,3,H,W); tokens (B,C); optional image_ids (B,) int64 (rows of one image
+        are never each other's negatives); and when regions are on: boxes (B,K,4)
         normalised xyxy, box_mask (B,K), lexeme_spans (B,L,2) token [start, end), lexeme_mask
         (B,L), lexeme_keys (B,L) int64, lexeme_tokens (B,L,C) for the separate_text mode.
         """
@@ -174,8 +185,12 @@ class HarmoCLIP(nn.Module):
         text_global, text_tokens = self.encode_text(batch["tokens"])
         out = {"image_features": image.global_, "text_features": text_global,
                "logit_scale": self.clip.logit_scale.exp()}
+        if "image_ids" in batch:
+            out["image_ids"] = batch["image_ids"]
         if not needs_regions:
             return out
+        for name, param in self.loss_parameters().items():
+            out[name] = param.exp()
         box_mask = batch["box_mask"].bool()
         lexeme_mask = batch["lexeme_mask"].bool()
         check_boxes(batch["boxes"], box_mask)

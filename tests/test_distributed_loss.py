@@ -24,6 +24,8 @@ def make_outputs(n: int = 8, k: int = 3, l: int = 2, d: int = 6) -> dict[str, to
         # few distinct keys, so same-key pairs span both workers' halves
         "lexeme_keys": torch.randint(0, 3, (n, l), generator=gen),
         "logit_scale": torch.tensor(5.0),
+        # rows 0 and 4 (one on each worker) and rows 2 and 7 show the same image
+        "image_ids": torch.tensor([10, 11, 12, 13, 10, 15, 16, 12]),
     }
     outputs["region_mask"][5] = False  # one image without regions, on the second worker
     return outputs
@@ -50,7 +52,9 @@ def _worker(rank: int, world_size: int, init_file: str, result_file: str, method
 
 def test_two_gloo_workers_match_one_process(tmp_path):
     method = MethodConfig(lambda_lrc=0.7, lambda_gr=1.3)
+    unmasked, _ = run_loss({**make_outputs(), "image_ids": torch.arange(8)}, method)
     single_values, single_grads = run_loss(make_outputs(), method)
+    assert abs(unmasked["gc"] - single_values["gc"]) > 1e-3  # the sibling rows matter to the loss
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "result"), method), nprocs=2, join=True)
     for rank in range(2):
         values, grads = torch.load(tmp_path / f"result.{rank}")

@@ -26,6 +26,7 @@ REGION_MASK = torch.ones(2, 2, dtype=torch.bool)
 LEXEMES = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
 LEXEME_MASK = torch.ones(2, 1, dtype=torch.bool)
 GLOBAL = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+IDS = torch.tensor([0, 1])
 
 
 def test_gc_is_clip_loss_by_hand():
@@ -39,9 +40,8 @@ def test_gc_is_clip_loss_by_hand():
 
 
 def test_lrc_max_pooling_by_hand():
-    method = MethodConfig(lrc_temperature=0.5)  # scale 2
     loss, stats = lexeme_region_contrastive(LEXEMES, LEXEME_MASK, torch.tensor([[1], [2]]), REGIONS,
-                                            REGION_MASK, torch.tensor(100.0), method)
+                                            REGION_MASK, IDS, torch.tensor(2.0), MethodConfig())
     # lexeme 0 scores image 0 by max(1, 0) = 1 and image 1 by max(0.6, -1) = 0.6; lexeme 1: 1 and 0.8
     lexeme_to_image = (ce([2.0, 1.2], 0) + ce([2.0, 1.6], 1)) / 2
     # matched regions: (1, 0) in image 0, (0.6, 0.8) in image 1; against lexemes (1, 0), (0, 1)
@@ -51,10 +51,9 @@ def test_lrc_max_pooling_by_hand():
 
 
 def test_lrc_softmax_pooling_by_hand():
-    method = MethodConfig(lrc_temperature=0.5, region_pooling="softmax", region_pooling_temperature=0.5,
-                          lrc_region_to_lexeme=False)
+    method = MethodConfig(region_pooling="softmax", region_pooling_temperature=0.5, lrc_region_to_lexeme=False)
     loss, _ = lexeme_region_contrastive(LEXEMES, LEXEME_MASK, torch.tensor([[1], [2]]), REGIONS,
-                                        REGION_MASK, torch.tensor(100.0), method)
+                                        REGION_MASK, IDS, torch.tensor(2.0), method)
 
     def pooled(cosines: list[float]) -> float:
         weights = [math.exp(c / 0.5) for c in cosines]
@@ -77,7 +76,7 @@ def _fused_by_hand(temperature: float) -> list[list[float]]:
 
 def test_gr_contrastive_by_hand():
     method = MethodConfig(gr_attention_temperature=1.0)
-    loss, stats = global_region_alignment(GLOBAL, GLOBAL, REGIONS, REGION_MASK, torch.tensor(2.0), method)
+    loss, stats = global_region_alignment(GLOBAL, GLOBAL, REGIONS, REGION_MASK, IDS, torch.tensor(2.0), method)
     (a0, a1), (b0, b1) = _fused_by_hand(1.0)
     # texts are (1, 0) and (0, 1): fused . text picks a coordinate
     fused_to_text = (ce([2 * a0, 2 * a1], 0) + ce([2 * b0, 2 * b1], 1)) / 2
@@ -88,17 +87,124 @@ def test_gr_contrastive_by_hand():
 
 def test_gr_consistency_by_hand():
     method = MethodConfig(gr_attention_temperature=1.0, gr_mode="consistency")
-    loss, _ = global_region_alignment(GLOBAL, GLOBAL, REGIONS, REGION_MASK, torch.tensor(2.0), method)
+    loss, _ = global_region_alignment(GLOBAL, GLOBAL, REGIONS, REGION_MASK, IDS, torch.tensor(2.0), method)
     (a0, _), (_, b1) = _fused_by_hand(1.0)
     assert loss.item() == pytest.approx(((1 - a0) + (1 - b1)) / 2, rel=1e-6)
 
 
+def ce_without(logits: list[float], target: int, excluded: set[int]) -> float:
+    """Cross-entropy over the entries not in `excluded` (the target never is)."""
+    kept = [i for i in range(len(logits)) if i not in excluded]
+    return ce([logits[i] for i in kept], kept.index(target))
+
+
+# Three rows: rows 0 and 1 are two captions of one image (id 5), row 2 another image (id 7).
+SIB_IDS = torch.tensor([5, 5, 7])
+SIB_IMAGES = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+SIB_TEXTS = torch.tensor([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]])
+SIB_REGIONS = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]], [[0.6, 0.8], [-1.0, 0.0]]])
+SIB_LEXEMES = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.0, 1.0]]])
+
+
+def test_gc_two_captions_of_one_image_are_not_negatives_by_hand():
+    out = {"image_features": SIB_IMAGES, "text_features": SIB_TEXTS, "logit_scale": torch.tensor(2.0),
+           "image_ids": SIB_IDS}
+    got = HarmoCLIPLoss(MethodConfig(lambda_lrc=0, lambda_gr=0))(out)["gc"].item()
+    # logits per image: 2 * images @ texts.T; row 0 does not see caption 1, row 1 not caption 0
+    image_to_text = (ce_without([1.2, 2.0, 0.0], 0, {1}) + ce_without([1.2, 2.0, 0.0], 1, {0})
+                     + ce([1.6, 0.0, 2.0], 2)) / 3
+    text_to_image = (ce_without([1.2, 1.2, 1.6], 0, {1}) + ce_without([2.0, 2.0, 0.0], 1, {0})
+                     + ce([0.0, 0.0, 2.0], 2)) / 3
+    assert got == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
+    unmasked = HarmoCLIPLoss(MethodConfig(lambda_lrc=0, lambda_gr=0))({**out, "image_ids": torch.arange(3)})
+    assert unmasked["gc"].item() > got + 0.1  # without ids, the sibling caption is a (wrong) negative
+
+
+def test_lrc_two_captions_of_one_image_are_not_negatives_by_hand():
+    loss, _ = lexeme_region_contrastive(SIB_LEXEMES, torch.ones(3, 1, dtype=torch.bool), torch.tensor([[1], [2], [3]]),
+                                        SIB_REGIONS, torch.ones(3, 2, dtype=torch.bool), SIB_IDS, torch.tensor(2.0),
+                                        MethodConfig())
+    # lexeme -> rows (max-pooled cosines x 2); a lexeme of row 0 never competes with row 1, and back
+    lexeme_to_image = (ce_without([2.0, 2.0, 1.2], 0, {1}) + ce_without([2.0, 2.0, 1.6], 1, {0})
+                       + ce([2.0, 2.0, 1.6], 2)) / 3
+    # matched regions (1, 0), (0, 1), (0.6, 0.8) against the lexemes (1, 0), (0, 1), (0, 1)
+    region_to_lexeme = (ce_without([2.0, 0.0, 0.0], 0, {1}) + ce_without([0.0, 2.0, 2.0], 1, {0})
+                        + ce([1.2, 1.6, 1.6], 2)) / 3
+    assert loss.item() == pytest.approx((lexeme_to_image + region_to_lexeme) / 2, rel=1e-6)
+
+
+def test_gr_two_captions_of_one_image_are_not_negatives_by_hand():
+    loss, _ = global_region_alignment(SIB_IMAGES, SIB_TEXTS, SIB_REGIONS, torch.ones(3, 2, dtype=torch.bool), SIB_IDS,
+                                      torch.tensor(2.0), MethodConfig(gr_attention_temperature=1.0))
+    (a0, a1), (b0, b1) = _fused_by_hand(1.0)  # rows 0 and 1 fuse like the first image above, row 2 like the second
+    fused = [(a0, a1), (a0, a1), (b0, b1)]
+    texts = SIB_TEXTS.tolist()
+    logits = [[2 * (f[0] * t[0] + f[1] * t[1]) for t in texts] for f in fused]
+    fused_to_text = (ce_without(logits[0], 0, {1}) + ce_without(logits[1], 1, {0}) + ce(logits[2], 2)) / 3
+    columns = [[logits[r][c] for r in range(3)] for c in range(3)]  # caption c against every fused row
+    text_to_fused = (ce_without(columns[0], 0, {1}) + ce_without(columns[1], 1, {0}) + ce(columns[2], 2)) / 3
+    assert loss.item() == pytest.approx((fused_to_text + text_to_fused) / 2, rel=1e-6)
+
+
+def test_gc_with_unique_ids_is_clip_loss_bit_for_bit():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=-1)
+    scale = torch.tensor(14.3)
+    ours = HarmoCLIPLoss(MethodConfig(lambda_lrc=0, lambda_gr=0))(
+        {"image_features": image, "text_features": text, "logit_scale": scale,
+         "image_ids": torch.randperm(1000, generator=gen)[:16]})
+    assert torch.equal(ours["gc"], ClipLoss()(image, text, scale))
+
+
+def test_gr_distribution_by_hand():
+    method = MethodConfig(gr_attention_temperature=1.0, gr_mode="distribution")
+    loss, _ = global_region_alignment(GLOBAL, GLOBAL, REGIONS, REGION_MASK, IDS, torch.tensor(2.0), method)
+    fused = _fused_by_hand(1.0)
+
+    def softmax(values: list[float]) -> list[float]:
+        total = sum(math.exp(v) for v in values)
+        return [math.exp(v) / total for v in values]
+
+    expected = 0.0
+    for row, (f0, f1) in enumerate(fused):
+        target = softmax([2.0 if row == 0 else 0.0, 2.0 if row == 1 else 0.0])  # global image . captions
+        predicted = softmax([2 * f0, 2 * f1])  # fused regions . captions (captions are the unit axes)
+        expected += sum(p * math.log(p / q) for p, q in zip(target, predicted))
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["contrastive", "consistency", "distribution"])
+def test_gr_detach_options_keep_gr_off_the_global_embeddings(mode):
+    image, text = GLOBAL.clone().requires_grad_(True), GLOBAL.clone().requires_grad_(True)
+    method = MethodConfig(gr_mode=mode, gr_detach_query=True, gr_detach_text=True)
+    loss, _ = global_region_alignment(image, text, REGIONS.clone().requires_grad_(True), REGION_MASK, IDS,
+                                      torch.tensor(2.0), method)
+    loss.backward()
+    assert image.grad is None and text.grad is None
+    attached, _ = global_region_alignment(image, text, REGIONS, REGION_MASK, IDS, torch.tensor(2.0),
+                                          MethodConfig(gr_mode=mode))
+    attached.backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0  # the query carries gradient unless detached
+
+
+def test_learnable_temperatures_are_parameters_outside_the_saved_model(model: HarmoCLIP, batch):
+    method = MethodConfig(lrc_learnable_temperature=True, gr_learnable_temperature=True)
+    wrapped = HarmoCLIP(model.clip, method)
+    assert set(wrapped.loss_parameters()) == {"lrc_logit_scale", "gr_logit_scale"}
+    assert wrapped.lrc_logit_scale.item() == model.clip.logit_scale.item()
+    losses = HarmoCLIPLoss(method)(wrapped(batch))
+    losses["loss"].backward()
+    assert wrapped.lrc_logit_scale.grad.abs() > 0 and wrapped.gr_logit_scale.grad.abs() > 0
+    assert not any(k.endswith(("lrc_logit_scale", "gr_logit_scale")) for k in wrapped.clip.state_dict())
+
+
 def test_same_key_lexemes_are_not_negatives():
-    method = MethodConfig(lrc_temperature=0.5)
+    method, scale = MethodConfig(), torch.tensor(2.0)
     shared, _ = lexeme_region_contrastive(LEXEMES, LEXEME_MASK, torch.tensor([[7], [7]]), REGIONS,
-                                          REGION_MASK, torch.tensor(1.0), method)
+                                          REGION_MASK, IDS, scale, method)
     distinct, _ = lexeme_region_contrastive(LEXEMES, LEXEME_MASK, torch.tensor([[7], [8]]), REGIONS,
-                                            REGION_MASK, torch.tensor(1.0), method)
+                                            REGION_MASK, IDS, scale, method)
     # with one key, each lexeme's only candidate (image and lexeme) is its own: nothing to contrast
     assert shared.item() == 0.0
     assert distinct.item() > 0.1
