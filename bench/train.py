@@ -27,14 +27,18 @@ from jobs import train as train_job
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
-from pipeline.train_data import training_dataset
+from pipeline.sampling import Schedule
+from pipeline.train_data import training_index, worker_epoch
 
 def in_memory_rate(data: str, model_config: ModelConfig, method: MethodConfig, train: TrainConfig) -> float:
     torch.manual_seed(train.seed)
     clip = create_clip(model_config)
-    dataset, _ = training_dataset(data, train_job.batch_spec(clip, model_config, method, train), train.batch_size)
+    spec = train_job.batch_spec(clip, model_config, method, train)
+    index, _ = training_index(data, spec)
+    plan = Schedule(index, train.seed, 1, train.batch_size, train.shuffle_window).plan(0)
     batches = [{k: torch.as_tensor(np.asarray(v)) for k, v in b.items()}
-               for b in dataset.iter_batches(batch_size=train.batch_size, batch_format="numpy", drop_last=True)]
+               for b in worker_epoch(data, index, plan, 0, 0, spec, train.batch_size).iter_batches(
+                   batch_size=train.batch_size, batch_format="numpy")]
     model = HarmoCLIP(clip, method)
     loss_fn = HarmoCLIPLoss(method)
     optimizer = adamw(model, train.lr, train.weight_decay)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+from typing import TYPE_CHECKING
 
 import torch
 from open_clip.model import CLIP
+
+if TYPE_CHECKING:
+    from .model import HarmoCLIP
 
 from .storage import is_remote, resolve
 
@@ -33,11 +37,14 @@ CONFIG_FILENAME = "harmoclip.json"
 
 
 def write_checkpoint(directory: str, clip: CLIP, optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, config: dict) -> None:
-    """A resumable checkpoint (optimizer, scheduler, step, config) that also holds plain open_clip
-    weights and the model name, so `jobs.evaluate` and open_clip can use it directly."""
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, config: dict,
+                     loss_parameters: dict[str, torch.Tensor] | None = None) -> None:
+    """A resumable checkpoint (optimizer, scheduler, step, loss temperatures, config) that also
+    holds plain open_clip weights and the model name, so `jobs.evaluate` and open_clip can use it
+    directly."""
     save_open_clip_weights(clip, f"{directory}/{WEIGHTS_FILENAME}")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "loss_parameters": {k: v.detach().cpu() for k, v in (loss_parameters or {}).items()}},
                f"{directory}/{STATE_FILENAME}")
     with open(f"{directory}/{CONFIG_FILENAME}", "w") as handle:
         json.dump({**config, "step": step}, handle, indent=2, sort_keys=True, default=str)
@@ -52,5 +59,34 @@ def read_checkpoint_config(directory: str) -> dict:
         raise FileNotFoundError(f"{directory} is not a HarmoCLIP checkpoint: no {CONFIG_FILENAME}") from err
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def weights_of_run(uri: str, model_name: str) -> str:
+    """The weights file of a run or checkpoint folder (checking it holds `model_name`), or `uri`
+    itself when it already names a weights file."""
+    if uri.endswith(WEIGHT_SUFFIXES):
+        return uri
+    trained = read_checkpoint_config(uri)["model"]["name"]
+    if trained != model_name:
+        raise ValueError(f"{uri} holds a {trained} model, not {model_name}: pass --model {trained}")
+    return f"{uri.rstrip('/')}/{WEIGHTS_FILENAME}"
+
+
 def read_training_state(directory: str) -> dict:
     return torch.load(f"{directory}/{STATE_FILENAME}", map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(directory: str, model: HarmoCLIP, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Restore everything `write_checkpoint` saved into a fresh model, optimizer and scheduler
+    (built as for a new run); returns the step to continue after."""
+    model.clip.load_state_dict(torch.load(f"{directory}/{WEIGHTS_FILENAME}", map_location="cpu",
+                                          weights_only=True)["state_dict"])
+    state = read_training_state(directory)
+    with torch.no_grad():
+        for name, param in model.loss_parameters().items():
+            param.copy_(state["loss_parameters"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]

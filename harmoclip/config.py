@@ -28,15 +28,27 @@ class ModelConfig:
     )
     pretrained: Optional[str] = _help(
         "Weights: an open_clip pretrained tag (needs a model hub), a local checkpoint file, or an "
-        "s3:// URI of one. None trains from scratch.",
+        "s3:// URI of one. None (and no --init-from) starts from random weights.",
         default=None,
     )
+    init_from: Optional[str] = _help(
+        "Start from a trained model instead: a jobs.train run or checkpoint folder, or a weights "
+        "file, local or s3://. The optimizer starts fresh (this is fine-tuning, not resuming).",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.pretrained and self.init_from:
+            raise ValueError("--pretrained and --init-from both name starting weights; pass one")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The HarmoCLIP objective `L = GC + lambda_lrc * LRC + lambda_gr * GR` and its assumptions."""
+    """The HarmoCLIP objective `L = lambda_gc * GC + lambda_lrc * LRC + lambda_gr * GR` and its assumptions."""
 
+    lambda_gc: float = _help(
+        "Weight of the global contrastive loss. 0 gives the region-only ablation (the trade-off of "
+        "earlier region methods); HarmoCLIP keeps it at 1.", default=1.0)
     lambda_lrc: float = _help("Weight of the lexeme-region contrastive loss (0 disables it).", default=1.0)
     lambda_gr: float = _help("Weight of the global-region alignment loss (0 disables it).", default=1.0)
     lexeme_embedding: Literal["token_span_mean", "separate_text"] = _help(
@@ -110,9 +122,11 @@ class MethodConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("lambda_lrc", "lambda_gr"):
+        for name in ("lambda_gc", "lambda_lrc", "lambda_gr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_gc == self.lambda_lrc == self.lambda_gr == 0:
+            raise ValueError("every loss weight is 0: nothing to train")
         for name in ("region_pooling_temperature", "gr_attention_temperature"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -192,11 +206,17 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay (not applied to gains, biases, logit_scale).", default=0.1)
     warmup_steps: int = _help("Linear warm-up steps before the cosine decay.", default=30)
     grad_clip: float = _help("Clip the global gradient norm to this (0 disables).", default=1.0)
+    shuffle_window: int = _help(
+        "Rows shuffled together within a worker's share of an epoch (rounded up to a multiple of "
+        "--batch-size); also the rows one read task holds, as encoded images.", default=1024)
+    grad_norms: bool = _help(
+        "At each log step, also log each loss term's gradient norm (one extra backward pass per term "
+        "on those steps).", default=True)
     max_regions: int = _help("K: region slots per sample (more are cut, fewer are masked).", default=20)
     max_lexemes: int = _help("L: lexeme slots per sample (more are cut, fewer are masked).", default=8)
     checkpoint_every: int = _help("Save a checkpoint every this many steps (and at the end).", default=100)
     log_every: int = _help("Report metrics to Ray Train and MLflow every this many steps.", default=10)
-    seed: int = _help("Seed of the initial weights and of data order.", default=0)
+    seed: int = _help("Seed of the initial weights, of each epoch's caption choice and of data order.", default=0)
     workers: int = _help("Ray Train workers (one process each; gloo on CPU, nccl on GPU).", default=1)
     gpu: bool = _help("One GPU per worker, bf16 autocast, nccl.", default=False)
     placement: Literal["PACK", "SPREAD"] = _help(
@@ -214,7 +234,8 @@ class TrainConfig:
     inject_nan_at_step: Optional[int] = _help("Testing only: make the loss NaN at this step.", default=None)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_regions", "max_lexemes", "checkpoint_every", "log_every", "workers"):
+        for name in ("steps", "batch_size", "max_regions", "max_lexemes", "checkpoint_every", "log_every", "workers",
+                     "shuffle_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 1:

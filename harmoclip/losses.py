@@ -157,7 +157,7 @@ def global_region_alignment(
 
 
 class HarmoCLIPLoss(nn.Module):
-    """`L = GC + lambda_lrc * LRC + lambda_gr * GR` over the batch gathered from all workers.
+    """`L = lambda_gc * GC + lambda_lrc * LRC + lambda_gr * GR` over the batch gathered from all workers.
 
     Takes `HarmoCLIP.forward`'s outputs; `image_ids` (B,) int64 marks rows of the same image
     (missing: every row is its own image). Returns a dict with the total under "loss", each term,
@@ -201,8 +201,8 @@ class HarmoCLIPLoss(nn.Module):
         return result
 
     def weighted(self, terms: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
-        """Each present term times its lambda (GC's weight is 1)."""
-        weights = {"gc": 1.0, "lrc": self.method.lambda_lrc, "gr": self.method.lambda_gr}
+        """Each present term times its lambda."""
+        weights = {"gc": self.method.lambda_gc, "lrc": self.method.lambda_lrc, "gr": self.method.lambda_gr}
         return {name: weights[name] * terms[name] for name in weights if name in terms}
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | float]:

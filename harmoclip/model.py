@@ -21,6 +21,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from .config import MethodConfig, ModelConfig
+from .checkpoint import weights_of_run
 from .storage import fetch_to_local, is_remote
 from .validation import check_boxes, check_lexeme_spans
 
@@ -35,9 +36,10 @@ def register_tiny_configs() -> None:
 
 
 def create_clip(config: ModelConfig) -> CLIP:
-    """An open_clip model; `pretrained` may be a hub tag, a local file or an s3:// URI."""
+    """An open_clip model; `pretrained` may be a hub tag, a local file or an s3:// URI, and
+    `init_from` a jobs.train run/checkpoint folder or weights file (local or s3://)."""
     register_tiny_configs()
-    pretrained = config.pretrained
+    pretrained = weights_of_run(config.init_from, config.name) if config.init_from else config.pretrained
     if pretrained and (is_remote(pretrained) or Path(pretrained).suffix):
         pretrained = fetch_to_local(pretrained)
     return open_clip.create_model(config.name, pretrained=pretrained)

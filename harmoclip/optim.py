@@ -1,11 +1,14 @@
-"""AdamW with open_clip's weight-decay split, and linear warm-up + cosine decay."""
+"""AdamW with open_clip's weight-decay split, linear warm-up + cosine decay, and the optimizer step."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from .distributed import rank_and_world_size
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -31,15 +34,37 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 
 def apply_gradients(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> None:
-    """Backward, clip, step, schedule, and clamp logit_scale at 100 as open_clip's trainer does."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> torch.Tensor | None:
+    """Backward, clip, step, schedule, and clamp logit scales at 100 as open_clip's trainer does.
+
+    Returns the global gradient norm before clipping (a tensor, so reading it is the caller's
+    choice of host sync), or None when clipping is off."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
     optimizer.step()
     scheduler.step()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("logit_scale"):
                 param.clamp_(0, math.log(100))
+    return norm
+
+
+def term_gradient_norms(terms: dict[str, torch.Tensor], model: nn.Module) -> dict[str, float]:
+    """The gradient norm of each (weighted) loss term over the model's parameters, before clipping.
+
+    Each term gets its own `autograd.grad` pass on the retained graph (this leaves `.grad` and
+    DDP's reducer alone). On several workers the gradients are averaged first, as DDP averages the
+    real ones, so the norms are those of the update every worker applies."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, world_size = rank_and_world_size()
+    norms = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+        if world_size > 1:
+            dist.all_reduce(flat)
+            flat /= world_size
+        norms[name] = float(flat.norm())
+    return norms

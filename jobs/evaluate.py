@@ -24,9 +24,9 @@ import open_clip
 import torch
 
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
-from harmoclip.checkpoint import WEIGHTS_FILENAME, read_checkpoint_config
+from harmoclip.checkpoint import WEIGHT_SUFFIXES, read_checkpoint_config
 from harmoclip.metrics import DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall
-from harmoclip.storage import join, resolve
+from harmoclip.storage import resolve
 from jobs.common import init_ray
 from pipeline.eval_data import embed, load_eval_set
 from pipeline.sources import SourceError
@@ -35,12 +35,11 @@ from pipeline.train_data import DatasetError
 
 def model_of_checkpoint(checkpoint: str, model_name: str | None) -> ModelConfig:
     """A run/checkpoint folder names its model in harmoclip.json; a bare weights file needs --model."""
-    if checkpoint.endswith((".pt", ".bin", ".safetensors", ".pth")):
+    if checkpoint.endswith(WEIGHT_SUFFIXES):
         if not model_name:
             raise ValueError(f"{checkpoint} is a weights file: say which architecture it is with --model")
         return ModelConfig(name=model_name, pretrained=checkpoint)
-    config = read_checkpoint_config(checkpoint)
-    return ModelConfig(name=model_name or config["model"]["name"], pretrained=join(checkpoint, WEIGHTS_FILENAME))
+    return ModelConfig(name=model_name or read_checkpoint_config(checkpoint)["model"]["name"], init_from=checkpoint)
 
 
 def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_size: int = 64) -> dict[str, Any]:

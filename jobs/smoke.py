@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
+from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, create_clip
 from harmoclip.batch import synthetic_batch
-from harmoclip.cli import add_config_arguments, config_from_args
+from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -22,13 +22,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps on the batch")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    add_config_arguments(parser, ModelConfig, prefix="model_")
+    add_model_arguments(parser)
     add_config_arguments(parser, MethodConfig)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     method = config_from_args(args, MethodConfig)
-    model = HarmoCLIP(create_clip(config_from_args(args, ModelConfig, prefix="model_")), method)
+    model = HarmoCLIP(create_clip(model_from_args(args)), method)
     loss_fn = HarmoCLIPLoss(method)
     batch = synthetic_batch(args.model_name, model.image_size,
                             batch_size=args.batch_size, seed=args.seed)

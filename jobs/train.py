@@ -1,11 +1,13 @@
 """Train HarmoCLIP (or the GC-only baseline: --lambda-lrc 0 --lambda-gr 0) with Ray Train.
 
-Reads a prepared dataset (jobs.prepare) streamed through Ray Data, trains on N workers with DDP
-(gloo on CPU, nccl + bf16 autocast with --gpu), checkpoints every --checkpoint-every steps to
-OUT (local path or s3://), and resumes from the latest checkpoint after a worker failure or when
-the same command is run again. Rank 0 logs the whole config and per-step metrics to MLflow.
-OUT ends up holding open_clip_weights.pt (loadable with open_clip.create_model(name,
-pretrained=...)) and harmoclip.json (model name and config) for jobs.evaluate.
+Reads a prepared dataset (jobs.prepare): every epoch draws each image once, with one of its
+captions chosen by the seed, in an order fixed by the seed alone (pipeline.sampling); Ray Data
+reads and decodes each worker's rows. Trains on N workers with DDP (gloo on CPU, nccl + bf16
+autocast with --gpu), checkpoints every --checkpoint-every steps to OUT (local path or s3://), and
+resumes exactly (weights, optimizer, data position) from the latest checkpoint after a worker
+failure or when the same command is run again. --init-from fine-tunes a trained model. Rank 0
+logs the whole config and per-step metrics to MLflow. OUT ends up holding open_clip_weights.pt
+(loadable with open_clip.create_model(name, pretrained=...)) and harmoclip.json for jobs.evaluate.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
-from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, read_training_state, write_checkpoint
-from harmoclip.cli import add_config_arguments, config_from_args
+from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, load_checkpoint, write_checkpoint
+from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
 from harmoclip.config import TrainConfig, as_flat_dict
-from harmoclip.optim import adamw, apply_gradients, warmup_cosine
+from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
 from harmoclip.storage import join, resolve
 from harmoclip.tracking import RunTracker, default_tracking_uri
 from jobs.common import init_ray, run_storage
-from pipeline.train_data import BatchSpec, DatasetError, training_dataset
+from pipeline.sampling import DatasetIndex, Schedule
+from pipeline.train_data import BatchSpec, DatasetError, training_index, worker_epoch
 
 LOSS_TERMS = ("loss", "gc", "lrc", "gr")
 
@@ -48,6 +51,8 @@ class RunSpec:
     model: ModelConfig
     method: MethodConfig
     train: TrainConfig
+    batch: BatchSpec
+    index: Any  # ObjectRef of the prepared dataset's DatasetIndex (shared, not copied per worker)
     total_steps: int
     schedule_steps: int
     tracking_uri: str
@@ -56,17 +61,6 @@ class RunSpec:
     def params(self) -> dict[str, Any]:
         return {"data": self.data, "out": self.out, "total_steps": self.total_steps,
                 **as_flat_dict(self.model, self.method, self.train)}
-
-
-def _restore(model: HarmoCLIP) -> tuple[int, dict | None]:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, None
-    with checkpoint.as_directory() as directory:
-        model.clip.load_state_dict(torch.load(f"{directory}/{WEIGHTS_FILENAME}", map_location="cpu",
-                                              weights_only=True)["state_dict"])
-        state = read_training_state(directory)
-    return state["step"], state
 
 
 def _maybe_crash(spec: RunSpec, step: int, rank: int) -> None:
@@ -81,7 +75,7 @@ def _maybe_crash(spec: RunSpec, step: int, rank: int) -> None:
 
 
 def train_worker(config: dict[str, RunSpec]) -> None:
-    """One Ray Train worker: 1. model and state, 2. data shard, 3. steps, 4. report and checkpoint."""
+    """One Ray Train worker: 1. model and state, 2. this epoch's rows, 3. steps, 4. report and checkpoint."""
     spec = config["spec"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -93,29 +87,32 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     torch.manual_seed(train.seed)
     model = HarmoCLIP(create_clip(spec.model), spec.method)
-    step, state = _restore(model)
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = ray.train.torch.prepare_model(model)  # moves `model` to the device; loads below follow it
     optimizer = adamw(model, train.lr, train.weight_decay)
     scheduler = warmup_cosine(optimizer, train.warmup_steps, spec.schedule_steps)
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    step, checkpoint = 0, ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            step = load_checkpoint(directory, model, optimizer, scheduler)
     loss_fn = HarmoCLIPLoss(spec.method)
     device = ray.train.torch.get_device()
     tracker = (RunTracker(spec.tracking_uri, train.experiment, spec.out, os.path.basename(spec.out.rstrip("/")),
                           spec.params(), spec.parent_run_id) if rank == 0 else None)
 
-    # 2. This worker's share of the Ray Data stream.
-    shard = ray.train.get_dataset_shard("train")
+    # 2. The epoch and position of the next step; the plan says which rows this worker reads.
+    index: DatasetIndex = ray.get(spec.index)
+    schedule = Schedule(index, train.seed, world_size, train.batch_size, train.shuffle_window)
+    epoch, offset = schedule.locate(step)
     global_batch = train.batch_size * world_size
     first_step, first_step_done = step + 1, None  # throughput is measured from the end of the first step
     while step < spec.total_steps:
-        for batch in shard.iter_torch_batches(batch_size=train.batch_size, drop_last=True, device=device,
-                                              local_shuffle_buffer_size=4 * train.batch_size,
-                                              local_shuffle_seed=train.seed + step, prefetch_batches=4):
+        rows = worker_epoch(spec.data, index, schedule.plan(epoch), rank, offset, spec.batch, train.batch_size)
+        for batch in rows.iter_torch_batches(batch_size=train.batch_size, device=device, prefetch_batches=4):
             # 3. One optimizer step.
             step += 1
             start = time.perf_counter()
+            final = step >= spec.total_steps
+            log_step = step % train.log_every == 0 or step % train.checkpoint_every == 0 or final
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.gpu):
                 losses = loss_fn(ddp_model(batch))
             loss = losses["loss"].float()
@@ -124,21 +121,27 @@ def train_worker(config: dict[str, RunSpec]) -> None:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. The checkpoints of "
                                          f"earlier steps in {spec.out} are intact (lower --lr or check the data)")
-            apply_gradients(loss, model, optimizer, scheduler, train.grad_clip)
+            term_norms = (term_gradient_norms(loss_fn.weighted(losses), model)
+                          if log_step and train.grad_norms else {})
+            grad_norm = apply_gradients(loss, model, optimizer, scheduler, train.grad_clip)
             _maybe_crash(spec, step, rank)
             if first_step_done is None:
                 first_step_done = time.perf_counter()
 
             # 4. Metrics every log_every steps, a checkpoint every checkpoint_every steps and at the end.
-            final = step >= spec.total_steps
-            if step % train.log_every and step % train.checkpoint_every and not final:
+            if not log_step:
                 continue
             metrics = {k: float(losses[k].detach()) for k in LOSS_TERMS if k in losses}
-            metrics.update(step=step, lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item(),
+            metrics.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
+                           logit_scale=model.clip.logit_scale.exp().item(),
                            samples_per_s=global_batch / (time.perf_counter() - start),
                            wall_samples_per_s=(step - first_step) * global_batch
                            / max(time.perf_counter() - first_step_done, 1e-9),
+                           **{f"grad_norm_{k}": v for k, v in term_norms.items()},
+                           **{name: param.exp().item() for name, param in model.loss_parameters().items()},
                            **{k: float(v) for k, v in losses.items() if k.endswith(("_empty", "_lexemes", "_images"))})
+            if grad_norm is not None:
+                metrics.update(grad_norm=float(grad_norm), grad_norm_clipped=min(float(grad_norm), train.grad_clip))
             if tracker:
                 tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
             if step % train.checkpoint_every == 0 or final:
@@ -147,13 +150,14 @@ def train_worker(config: dict[str, RunSpec]) -> None:
                     if rank == 0:
                         write_checkpoint(directory, model.clip, optimizer, scheduler, step,
                                          {"model": dataclasses.asdict(spec.model),
-                                          "method": dataclasses.asdict(spec.method)})
+                                          "method": dataclasses.asdict(spec.method)}, model.loss_parameters())
                         checkpoint = ray.train.Checkpoint.from_directory(directory)
                     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
             else:
                 ray.train.report(metrics)
             if final:
                 break
+        epoch, offset = epoch + 1, 0
     if tracker:
         tracker.finish()
 
@@ -172,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared dataset (jobs.prepare output), local or s3://")
     parser.add_argument("--out", required=True, help="run folder for checkpoints and results, local or s3://")
-    parser.add_argument("--model", dest="model_name", default=ModelConfig.name, help="open_clip model name")
-    parser.add_argument("--pretrained", dest="model_pretrained", default=None,
-                        help="open_clip pretrained tag, local checkpoint file or s3:// URI")
+    add_model_arguments(parser)
     add_config_arguments(parser, MethodConfig)
     add_config_arguments(parser, TrainConfig)
     return parser
@@ -185,23 +187,24 @@ def batch_spec(clip: torch.nn.Module, model: ModelConfig, method: MethodConfig, 
     preprocess = clip.visual.preprocess_cfg
     return BatchSpec(image_size=clip.visual.image_size[0], mean=tuple(preprocess["mean"]),
                      std=tuple(preprocess["std"]), max_regions=train.max_regions, max_lexemes=train.max_lexemes,
-                     context_length=clip.context_length, negative_key=method.negative_key,
-                     lexeme_tokenizer=model.name if method.lexeme_embedding == "separate_text" else None)
+                     context_length=clip.context_length, tokenizer=model.name, negative_key=method.negative_key,
+                     lexeme_unit=method.lexeme_unit, separate_text=method.lexeme_embedding == "separate_text")
 
 
 def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: TrainConfig,
         parent_run_id: str | None = None) -> dict[str, Any]:
     """Train on the current Ray cluster; returns the final metrics (also used by jobs.tune)."""
     clip = create_clip(model)  # fail here, not in a worker, on a bad model name or weights
-    dataset, manifest = training_dataset(data, batch_spec(clip, model, method, train), train.batch_size)
-    rows = manifest["counts"]["rows_written"]
-    steps_per_epoch = rows // (train.batch_size * train.workers)
-    if steps_per_epoch == 0:
-        raise DatasetError(f"{data} has {rows} rows: fewer than one global batch "
-                           f"({train.batch_size} x {train.workers} workers)")
-    total_steps = train.epochs * steps_per_epoch if train.epochs else train.steps
-    run_spec = RunSpec(data, out, model, method, train, total_steps, max(total_steps, train.schedule_steps or 0),
-                       train.mlflow_uri or default_tracking_uri(out), parent_run_id)
+    spec = batch_spec(clip, model, method, train)
+    index, _ = training_index(data, spec)
+    schedule = Schedule(index, train.seed, train.workers, train.batch_size, train.shuffle_window)
+    if schedule.plan(0).steps == 0:
+        raise DatasetError(f"{data} has {index.images} images: fewer than one global batch "
+                           f"({train.batch_size} x {train.workers} workers); each step draws distinct images")
+    total_steps = schedule.steps_in_epochs(train.epochs) if train.epochs else train.steps
+    run_spec = RunSpec(data, out, model, method, train, spec, ray.put(index), total_steps,
+                       max(total_steps, train.schedule_steps or 0), train.mlflow_uri or default_tracking_uri(out),
+                       parent_run_id)
     storage_path, name, filesystem = run_storage(out)
     trainer = TorchTrainer(
         train_worker,
@@ -211,7 +214,6 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset},
     )
     result = trainer.fit()
     _copy_final(result.checkpoint.path, result.checkpoint.filesystem, out)
@@ -221,7 +223,7 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     try:
-        model = config_from_args(args, ModelConfig, prefix="model_")
+        model = model_from_args(args)
         method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
         init_ray()
         metrics = run(args.data, args.out, model, method, train)

@@ -22,8 +22,8 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from harmoclip import MethodConfig, ModelConfig
-from harmoclip.cli import add_config_arguments, config_from_args
+from harmoclip import MethodConfig
+from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.storage import join
 from harmoclip.tracking import RunTracker, default_tracking_uri
@@ -140,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune-lr", action="store_true", help="also sample the learning rate (log-uniform, x/10..x10)")
     parser.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="harmony")
-    parser.add_argument("--model", dest="model_name", default=ModelConfig.name, help="open_clip model name")
-    parser.add_argument("--pretrained", dest="model_pretrained", default=None, help="weights: tag, file or s3:// URI")
+    add_model_arguments(parser)
     add_config_arguments(parser, MethodConfig)
     add_config_arguments(parser, TrainConfig)
     parser.set_defaults(steps=200, checkpoint_every=50)
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     sweep_dir = os.path.abspath(args.out)
     os.makedirs(sweep_dir, exist_ok=True)
     try:
-        model = config_from_args(args, ModelConfig, prefix="model_")
+        model = model_from_args(args)
         method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
         tracking_uri = train.mlflow_uri or default_tracking_uri(os.path.join(sweep_dir, "trials"))
         train = replace(train, mlflow_uri=tracking_uri)

@@ -1,9 +1,10 @@
-"""Prepared Parquet -> model batches, as a Ray Data stage feeding Ray Train workers.
+"""Prepared Parquet -> model batches, read and decoded by Ray Data tasks for one training worker.
 
-Decoding, resizing, box remapping and slot padding all happen here, in Ray Data tasks, so the
-training step only moves ready tensors. Images are centre-cropped to a square and resized to the
-model's size (open_clip's eval transform); boxes are remapped into the crop, clipped, and dropped
-when less than `MIN_BOX_SIDE` of them is left.
+`pipeline.sampling` decides which rows a worker trains on and in which order; here Ray Data reads
+exactly those rows (one task per shuffle window, each row group read once), decodes them and
+builds the fixed-size arrays, so the training step only moves ready tensors. Images are
+centre-cropped to a square and resized to the model's size (open_clip's eval transform); boxes are
+remapped into the crop, clipped, and dropped when less than `MIN_BOX_SIDE` of them is left.
 """
 
 from __future__ import annotations
@@ -11,23 +12,28 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import open_clip
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray.data
 from PIL import Image
+from spacy.lang.en.stop_words import STOP_WORDS
 
 from harmoclip.batch import stable_key
 from harmoclip.model import register_tiny_configs
 from harmoclip.storage import join, resolve
 
 from .prepare import DATASET_FILE, SCHEMA_VERSION
+from .sampling import DatasetIndex, EpochPlan, build_index
 
 MIN_BOX_SIDE = 0.02
 LEXEME_KEY_FIELD = {"root_lemma": "lemma", "phrase_lemma": "phrase_lemma"}
+TRAINING_COLUMNS = ["image_id", "image", "width", "height", "tokens", "lexemes", "regions"]
 
 
 class DatasetError(ValueError):
@@ -68,9 +74,10 @@ class BatchSpec:
     max_regions: int
     max_lexemes: int
     context_length: int
+    tokenizer: str  # open_clip model name whose tokenizer made `tokens`
     negative_key: str = "root_lemma"
-    lexeme_tokenizer: Optional[str] = None  # set for the separate_text lexeme mode
-
+    lexeme_unit: str = "noun_chunk"
+    separate_text: bool = False  # also tokenize each lexeme as its own text
 
 def crop_window(width: int, height: int) -> tuple[float, float, float, float]:
     """The centred square crop as normalised (x0, y0, w, h) of the original image."""
@@ -100,13 +107,44 @@ def load_pixels(image_bytes: bytes, spec: BatchSpec) -> np.ndarray:
     return (pixels - np.array(spec.mean, np.float32)[:, None, None]) / np.array(spec.std, np.float32)[:, None, None]
 
 
+@lru_cache(maxsize=4)
+def _tokenizer(name: str):
+    register_tiny_configs()
+    return open_clip.get_tokenizer(name)
+
+
+def content_words(lexeme: dict, tokenizer_name: str) -> list[dict]:
+    """A noun chunk's content words as lexemes of their own ('large red circle' -> large, red,
+    circle), each with its BPE span and keyed by its lemma; spaCy stop words ('two', 'top') are
+    left out. The tokenizer splits text into words before BPE, so a word's tokens are the ones it
+    gets alone. A chunk whose words and lemmas do not line up stays one lexeme (root-keyed)."""
+    words, lemmas = lexeme["text"].split(), lexeme["phrase_lemma"].split()
+    lengths = [len(_tokenizer(tokenizer_name).encode(word)) for word in words]
+    if len(words) != len(lemmas) or sum(lengths) != lexeme["tok_end"] - lexeme["tok_start"]:
+        return [{**lexeme, "key": lexeme["lemma"]}]
+    units, start = [], lexeme["tok_start"]
+    for word, lemma, length in zip(words, lemmas, lengths):
+        if lemma.isalpha() and lemma not in STOP_WORDS and length:
+            units.append({"text": word, "key": lemma, "tok_start": start, "tok_end": start + length})
+        start += length
+    return units
+
+
+def lexeme_units(lexemes: list[dict], spec: BatchSpec) -> list[dict]:
+    """The row's lexemes as the method's units, each with its negative `key`."""
+    if spec.lexeme_unit == "word":
+        return [unit for lexeme in lexemes for unit in content_words(lexeme, spec.tokenizer)]
+    return [{**lexeme, "key": lexeme[LEXEME_KEY_FIELD[spec.negative_key]]} for lexeme in lexemes]
+
+
 def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
-    """Ray Data stage: prepared rows -> the fixed-size arrays of `HarmoCLIP.forward`."""
-    rows = batch.select(["image", "width", "height", "tokens", "lexemes", "regions"]).to_pylist()
+    """Prepared rows -> the fixed-size arrays of `HarmoCLIP.forward` (plus `image_ids`)."""
+    rows = batch.select(TRAINING_COLUMNS).to_pylist()
     n, k, l = len(rows), spec.max_regions, spec.max_lexemes
     out = {
         "images": np.zeros((n, 3, spec.image_size, spec.image_size), np.float32),
         "tokens": np.zeros((n, spec.context_length), np.int64),
+        "image_ids": np.zeros(n, np.int64),
         "boxes": np.zeros((n, k, 4), np.float32),
         "box_mask": np.zeros((n, k), bool),
         "lexeme_spans": np.zeros((n, l, 2), np.int64),
@@ -114,36 +152,75 @@ def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
         "lexeme_keys": np.zeros((n, l), np.int64),
     }
     lexeme_texts: list[list[str]] = []
-    key_field = LEXEME_KEY_FIELD[spec.negative_key]
     for i, row in enumerate(rows):
         out["images"][i] = load_pixels(row["image"], spec)
         out["tokens"][i] = row["tokens"]
+        out["image_ids"][i] = stable_key(row["image_id"])
         boxes = remap_boxes(row["regions"], crop_window(row["width"], row["height"]), k)
         out["boxes"][i, : len(boxes)] = boxes
         out["box_mask"][i, : len(boxes)] = True
-        lexemes = row["lexemes"][:l]
-        for j, lexeme in enumerate(lexemes):
-            out["lexeme_spans"][i, j] = (lexeme["tok_start"], lexeme["tok_end"])
-            out["lexeme_keys"][i, j] = stable_key(lexeme[key_field])
-        out["lexeme_mask"][i, : len(lexemes)] = True
-        lexeme_texts.append([lexeme["text"] for lexeme in lexemes] + [""] * (l - len(lexemes)))
-    if spec.lexeme_tokenizer:
-        register_tiny_configs()
-        tokenizer = open_clip.get_tokenizer(spec.lexeme_tokenizer)
+        units = lexeme_units(row["lexemes"], spec)[:l]
+        for j, unit in enumerate(units):
+            out["lexeme_spans"][i, j] = (unit["tok_start"], unit["tok_end"])
+            out["lexeme_keys"][i, j] = stable_key(unit["key"])
+        out["lexeme_mask"][i, : len(units)] = True
+        lexeme_texts.append([unit["text"] for unit in units] + [""] * (l - len(units)))
+    if spec.separate_text:
         flat = [text for texts in lexeme_texts for text in texts]
-        out["lexeme_tokens"] = tokenizer(flat).numpy().reshape(n, l, -1) if n else np.zeros((0, l, spec.context_length), np.int64)
+        out["lexeme_tokens"] = (_tokenizer(spec.tokenizer)(flat).numpy().reshape(n, l, -1) if n
+                                else np.zeros((0, l, spec.context_length), np.int64))
     return out
 
 
-def training_dataset(uri: str, spec: BatchSpec, batch_size: int) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """The prepared dataset at `uri` as a lazy Ray Dataset of model batches, plus its dataset.json."""
-    manifest = read_dataset_manifest(uri)
+def check_compatible(uri: str, manifest: dict[str, Any], spec: BatchSpec) -> None:
     prepared_context = manifest["tokenizer"]["context_length"]
     if prepared_context != spec.context_length:
         raise DatasetError(f"{uri} was tokenized with context length {prepared_context} "
                            f"({manifest['tokenizer']['model']}), the model needs {spec.context_length}: "
                            f"re-run jobs.prepare with --tokenizer <model>")
+
+
+def training_index(uri: str, spec: BatchSpec) -> tuple[DatasetIndex, dict[str, Any]]:
+    """The prepared dataset's index for `pipeline.sampling`, and its dataset.json."""
+    manifest = read_dataset_manifest(uri)
+    check_compatible(uri, manifest, spec)
     filesystem, files = shard_files(uri)
-    dataset = ray.data.read_parquet(files, filesystem=filesystem).map_batches(
-        to_model_batch, batch_format="pyarrow", batch_size=batch_size, fn_kwargs={"spec": spec})
-    return dataset, manifest
+    return build_index(filesystem, files), manifest
+
+
+def read_window(item: pa.Table, data: str, files: tuple[str, ...], spec: BatchSpec,
+                batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data task: the rows of one shuffle window, in plan order, as model batches.
+
+    Each row group the window touches is read once (only the columns training needs)."""
+    filesystem, _ = resolve(data)
+    window = item.to_pylist()[0]
+    file_of, group_of, row_of = (np.asarray(window[key]) for key in ("file", "group", "row"))
+    parts, positions = [], []
+    for file_number in np.unique(file_of):
+        with filesystem.open_input_file(files[file_number]) as handle:
+            parquet = pq.ParquetFile(handle)
+            for group in np.unique(group_of[file_of == file_number]):
+                wanted = np.flatnonzero((file_of == file_number) & (group_of == group))
+                table = parquet.read_row_group(int(group), columns=TRAINING_COLUMNS)
+                parts.append(table.take(pa.array(row_of[wanted])))
+                positions.append(wanted)
+    rows = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+    for start in range(0, rows.num_rows, batch_size):
+        yield to_model_batch(rows.slice(start, batch_size), spec)
+
+
+def worker_epoch(data: str, index: DatasetIndex, plan: EpochPlan, rank: int, start_step: int, spec: BatchSpec,
+                 batch_size: int) -> ray.data.Dataset:
+    """Worker `rank`'s batches of one epoch from `start_step` on, as a lazy, order-preserving Ray
+    Dataset: one read task per shuffle window (a multiple of `batch_size` rows)."""
+    rows = plan.batches(rank, batch_size, start_step).reshape(-1)
+    window_rows = plan.window_rows
+    windows = [{"file": index.file_of_row[part].tolist(), "group": index.group_of_row[part].tolist(),
+                "row": index.row_in_group[part].tolist()}
+               for part in (rows[i:i + window_rows] for i in range(0, len(rows), window_rows))]
+    dataset = ray.data.from_items(windows, override_num_blocks=max(1, len(windows))).map_batches(
+        read_window, batch_size=1, batch_format="pyarrow",
+        fn_kwargs={"data": data, "files": index.files, "spec": spec, "batch_size": batch_size})
+    dataset.context.execution_options.preserve_order = True
+    return dataset

@@ -91,11 +91,12 @@ def ray_local(s3_server):
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(ray_local, tmp_path_factory) -> str:
-    """A tiny prepared dataset (16 synthetic images, 2 captions each, gt regions) for training runs."""
+    """A tiny prepared dataset (16 synthetic images, 5 captions each as in COCO, gt regions) for
+    training runs; shared by the whole session (tests only read it)."""
     root = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(str(root), images=16, seed=0, size=48, captions_per_image=2)
+    write_shapes_dataset(str(root), images=16, seed=0, size=48, captions_per_image=5)
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare(find_source(str(root)), str(out), PrepareConfig(regions="gt", tokenizer=TEST_MODEL, batch_size=8))
     return str(out)

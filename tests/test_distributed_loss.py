@@ -1,4 +1,5 @@
-"""Two gloo workers each holding half a batch optimise exactly the one-process objective."""
+"""Two gloo workers each holding half a batch optimise exactly the one-process objective, and
+reach the same parameters."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from harmoclip import HarmoCLIPLoss, MethodConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
+from harmoclip.batch import synthetic_batch
+from harmoclip.optim import adamw, apply_gradients, warmup_cosine
 
 FEATURE_KEYS = ("image_features", "text_features", "region_features", "lexeme_features")
 
@@ -66,3 +71,45 @@ def test_two_gloo_workers_match_one_process(tmp_path):
         for key in FEATURE_KEYS:
             expected = single_grads[key][rank * 4:(rank + 1) * 4]
             assert torch.allclose(grads[key] / 2, expected, atol=1e-6), (rank, key)
+
+
+STEPS, GLOBAL_BATCH = 3, 8
+
+
+def _train_steps(world_size: int, rank: int) -> dict[str, torch.Tensor]:
+    """STEPS optimizer steps of harmo-micro on the same global batches, this rank's half of each."""
+    torch.manual_seed(0)
+    model = HarmoCLIP(create_clip(ModelConfig(name="harmo-micro")), MethodConfig())
+    ddp = DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = adamw(model, 2e-3, 0.1)
+    scheduler = warmup_cosine(optimizer, 1, STEPS)
+    loss_fn = HarmoCLIPLoss(model.method)
+    share = GLOBAL_BATCH // world_size
+    for step in range(STEPS):
+        batch = synthetic_batch("harmo-micro", model.image_size, batch_size=GLOBAL_BATCH, max_regions=3,
+                                max_lexemes=2, seed=step)
+        batch["image_ids"] = torch.tensor([0, 1, 2, 3, 0, 5, 6, 2])  # siblings across the two halves
+        local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+        apply_gradients(loss_fn(ddp(local))["loss"], model, optimizer, scheduler, 1.0)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _step_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        torch.save(_train_steps(world_size, rank), f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_reach_the_parameters_of_one_on_the_same_global_batches(tmp_path):
+    single = _train_steps(1, 0)
+    mp.spawn(_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "params")), nprocs=2, join=True)
+    torch.manual_seed(0)
+    initial = HarmoCLIP(create_clip(ModelConfig(name="harmo-micro"))).state_dict()
+    for rank in range(2):
+        params = torch.load(tmp_path / f"params.{rank}")
+        for name, value in params.items():
+            assert torch.allclose(value, single[name], rtol=1e-4, atol=1e-5), (rank, name)
+    assert any(not torch.equal(single[name], initial[name]) for name in single)  # training moved them

@@ -61,15 +61,24 @@ def test_bare_weights_file_needs_the_model_name(weights):
 
 def test_demo_end_to_end_small(ray_local, tmp_path):
     out = tmp_path / "demo"
-    results = demo_job.main(["--out", str(out), "--train-images", "40", "--val-images", "12", "--steps", "6",
-                             "--batch-size", "8", "--checkpoint-every", "6", "--log-every", "2",
-                             "--warmup-steps", "2", "--regions", "grid"])
+    results = demo_job.main(["--out", str(out), "--base-images", "24", "--base-steps", "4", "--train-images", "24",
+                             "--val-images", "12", "--steps", "4", "--batch-size", "8", "--checkpoint-every", "4",
+                             "--log-every", "2", "--warmup-steps", "2", "--regions", "grid", "--region-only"])
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved) == {"baseline", "harmoclip"}
-    for name in saved:
-        assert all(0.0 <= _value(saved[name], path) <= 1.0 for path in REQUIRED)
+    assert set(saved) == {"base", "baseline", "harmoclip", "region_only"}
+    assert saved["base"]["checkpoint"] == str(out / "base")
+    for name in ("baseline", "harmoclip", "region_only"):
         assert saved[name]["checkpoint"] == str(out / "runs" / name)
+        config = json.loads((out / "runs" / name / "harmoclip.json").read_text())
+        assert config["model"]["init_from"] == str(out / "base")  # every arm fine-tunes the base
         again = evaluate_job.evaluate(saved[name]["checkpoint"], str(out / "data" / "val"))
         assert again["box"]["top1"] == pytest.approx(saved[name]["box"]["top1"])
+    assert saved["region_only"]["checkpoint"] != saved["harmoclip"]["checkpoint"]
     assert (out / "demo.png").stat().st_size > 10_000
     assert results["baseline"]["protocol"]["model"] == "harmo-tiny"
+    # the cached base is not trained again: a second demo in the same folder after removing the table
+    (out / "results.json").unlink()
+    base_mtime = (out / "base" / "open_clip_weights.pt").stat().st_mtime
+    demo_job.main(["--out", str(out), "--base-images", "24", "--base-steps", "4", "--train-images", "24",
+                   "--val-images", "12", "--steps", "4", "--batch-size", "8", "--regions", "grid"])
+    assert (out / "base" / "open_clip_weights.pt").stat().st_mtime == base_mtime

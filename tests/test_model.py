@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
 from harmoclip.batch import synthetic_batch
-from harmoclip.checkpoint import save_open_clip_weights
+from harmoclip.checkpoint import load_checkpoint, save_open_clip_weights, write_checkpoint
+from harmoclip.optim import adamw, apply_gradients, warmup_cosine
 from harmoclip.model import pool_regions, pool_token_spans
 from tests.conftest import TEST_MODEL
 
@@ -130,3 +131,32 @@ def test_weights_round_trip_through_s3(model: HarmoCLIP, bucket, tmp_path, monke
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         create_clip(ModelConfig(name=TEST_MODEL, pretrained=str(tmp_path / "nope.pt")))
+
+
+METHOD_WITH_TEMPERATURES = MethodConfig(lrc_learnable_temperature=True, gr_learnable_temperature=True)
+
+
+def test_checkpoint_restores_weights_optimizer_scheduler_and_temperatures_exactly(tmp_path):
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = HarmoCLIP(create_clip(ModelConfig(name="harmo-micro")), METHOD_WITH_TEMPERATURES)
+        optimizer = adamw(model, 1e-3, 0.1)
+        return model, optimizer, warmup_cosine(optimizer, 2, 10)
+
+    model, optimizer, scheduler = fresh(0)
+    batch = synthetic_batch("harmo-micro", model.image_size, batch_size=4, max_regions=3, max_lexemes=2, seed=0)
+    for _ in range(3):
+        apply_gradients(HarmoCLIPLoss(model.method)(model(batch))["loss"], model, optimizer, scheduler, 1.0)
+    write_checkpoint(str(tmp_path), model.clip, optimizer, scheduler, 3, {}, model.loss_parameters())
+
+    restored, restored_optimizer, restored_scheduler = fresh(1)  # other initial weights
+    assert load_checkpoint(str(tmp_path), restored, restored_optimizer, restored_scheduler) == 3
+    for (name, saved), (_, loaded) in zip(model.state_dict().items(), restored.state_dict().items()):
+        assert torch.equal(saved, loaded), name
+    saved_state, loaded_state = optimizer.state_dict()["state"], restored_optimizer.state_dict()["state"]
+    assert saved_state.keys() == loaded_state.keys()
+    for key in saved_state:
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved_state[key][field], loaded_state[key][field]), (key, field)
+    assert restored_scheduler.state_dict() == scheduler.state_dict()
+    assert set(restored.loss_parameters()) == {"lrc_logit_scale", "gr_logit_scale"}  # compared with the rest above

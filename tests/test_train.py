@@ -1,6 +1,11 @@
-"""Ray Train runs of a tiny model on a tiny prepared set: 2 gloo workers, resume, NaN, MLflow."""
+"""Ray Train runs of a tiny model on a tiny prepared set: 2 gloo workers, determinism, exact resume, NaN, MLflow."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,46 +18,80 @@ from harmoclip.config import TrainConfig
 from jobs import train as train_job
 
 MODEL = ModelConfig(name="harmo-micro")
+SETTINGS = dict(steps=12, batch_size=4, workers=2, lr=2e-3, warmup_steps=2, checkpoint_every=4, log_every=1)
 
 
 def _train(prepared: str, out, **overrides) -> dict:
-    settings = dict(steps=12, batch_size=4, workers=2, lr=2e-3, warmup_steps=2, checkpoint_every=4, log_every=1,
-                    mlflow_uri=f"sqlite:///{out.parent}/mlflow.db")
-    return train_job.run(prepared, str(out), MODEL, MethodConfig(), TrainConfig(**{**settings, **overrides}))
+    settings = {**SETTINGS, "mlflow_uri": f"sqlite:///{out.parent}/mlflow.db", **overrides}
+    return train_job.run(prepared, str(out), MODEL, MethodConfig(), TrainConfig(**settings))
 
 
-def _history(tracking_uri: str, metric: str) -> list[float]:
+def _run(tracking_uri: str):
     client = MlflowClient(tracking_uri)
-    run = client.search_runs([client.get_experiment_by_name("harmoclip").experiment_id])[0]
-    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)]
+    return client, client.search_runs([client.get_experiment_by_name("harmoclip").experiment_id])
 
 
-def test_two_gloo_workers_train_checkpoint_and_log(prepared, tmp_path):
-    out = tmp_path / "run"
-    result = _train(prepared, out)
-    assert result["step"] == 12
-    assert sorted(p.name for p in out.glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000008", "checkpoint_000012"]
-    losses = _history(result["tracking_uri"], "loss")
+def _history(tracking_uri: str, metric: str) -> list[tuple[int, float]]:
+    client, runs = _run(tracking_uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, metric))
+
+
+def _weights(result: dict) -> dict[str, torch.Tensor]:
+    return torch.load(result["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def clean_run(prepared, tmp_path_factory) -> dict:
+    """The reference run: 2 gloo workers, 12 steps, a checkpoint every 4, metrics every step."""
+    return _train(prepared, tmp_path_factory.mktemp("clean") / "run")
+
+
+def test_two_gloo_workers_train_checkpoint_and_log(clean_run):
+    out = clean_run["checkpoint"].rsplit("/", 1)[0]
+    assert clean_run["step"] == 12
+    assert sorted(p.name for p in Path(out).glob("checkpoint_*") if p.is_dir()) == ["checkpoint_000008",
+                                                                                    "checkpoint_000012"]
+    losses = [v for _, v in _history(clean_run["tracking_uri"], "loss")]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # the loss goes down
-    client = MlflowClient(result["tracking_uri"])
-    run = client.search_runs([client.get_experiment_by_name("harmoclip").experiment_id])[0]
+    client, (run,) = _run(clean_run["tracking_uri"])
     assert run.data.params["method.lambda_lrc"] == "1.0" and run.data.params["train.workers"] == "2"
     assert run.data.params["method.region_pooling"] == "max" and run.info.status == "FINISHED"
-    assert {"gc", "lrc", "gr", "lr", "samples_per_s"} <= set(run.data.metrics)
+    assert {"gc", "lrc", "gr", "lr", "samples_per_s", "epoch"} <= set(run.data.metrics)
+    # per-term gradient norms before clipping, and the total after clipping (grad_clip = 1)
+    assert {"grad_norm_gc", "grad_norm_lrc", "grad_norm_gr", "grad_norm", "grad_norm_clipped"} <= set(run.data.metrics)
+    assert run.data.metrics["grad_norm_clipped"] == min(run.data.metrics["grad_norm"], 1.0)
     register_tiny_configs()
-    clip = open_clip.create_model("harmo-micro", pretrained=result["checkpoint"])
+    clip = open_clip.create_model("harmo-micro", pretrained=clean_run["checkpoint"])
     assert torch.isfinite(clip.logit_scale)
 
 
-def test_killed_worker_resumes_from_last_checkpoint(prepared, tmp_path):
+def test_same_seed_gives_identical_losses_even_under_load(prepared, clean_run, tmp_path):
+    # One busy process per core. Niced like Ray's own workers (15) or lower, or the run would
+    # take minutes; it still takes every cycle the run leaves and shifts the timing of everything.
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(19))
+               for _ in range(os.cpu_count() or 1)]
+    try:
+        loaded = _train(prepared, tmp_path / "loaded")
+    finally:
+        for burner in burners:
+            burner.kill()
+    for metric in ("loss", "gc", "lrc", "gr"):
+        assert _history(loaded["tracking_uri"], metric) == _history(clean_run["tracking_uri"], metric), metric
+
+
+def test_killed_worker_resumes_exactly_where_it_left_off(prepared, clean_run, tmp_path):
     out = tmp_path / "crashy"
     result = _train(prepared, out, inject_crash_at_step=6, inject_crash_rank=1, max_failures=1)
     assert result["step"] == 12 and (out / "checkpoint_000012").exists()
-    client = MlflowClient(result["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name("harmoclip").experiment_id])
+    client, runs = _run(result["tracking_uri"])
     assert len(runs) == 1  # the restart logged into the same run
-    logged = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
-    assert logged[-1] == 12 and logged.count(5) == 2  # steps 5-6 ran twice: before the crash and after resuming at 4
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+    assert logged.count(5) == 2  # steps 5-6 ran twice: before the crash and after resuming at 4
+    # The same data, weights and optimizer state after the restart: the run ends where the
+    # uninterrupted one does.
+    reference = _weights(clean_run)
+    for name, tensor in _weights(result).items():
+        assert torch.allclose(tensor, reference[name], rtol=1e-5, atol=1e-6), name
 
     again = _train(prepared, out)  # the same command again: nothing left to do, same final checkpoint
     assert again["step"] == 12

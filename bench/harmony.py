@@ -1,0 +1,143 @@
+"""The harmony study: does a configuration gain box classification without losing retrieval,
+over several seeds, in the fine-tune regime (jobs.regime)?
+
+Every config is fine-tuned from the same GC-only base for every seed through jobs.train and
+evaluated on val through jobs.evaluate. DIR/harmony.json holds every run:
+    {"baseline": "gc_only", "base": {...}, "configs": {NAME: {"method": {...},
+     "runs": [{"seed": 0, "checkpoint": RUN, "val": {jobs.evaluate keys}}, ...]}}}
+and the printed table gives per config the mean and standard deviation over seeds of mean R@1
+and box top-1, and the paired difference to gc_only (same seed) with a 95% t interval.
+gc_only, region_only (LRC without GC) and harmoclip (the shipped defaults) are always run;
+--configs adds others as NAME:FIELD=VALUE,FIELD=VALUE (MethodConfig fields, as in --help).
+Runs already in DIR are kept, so an interrupted study continues where it stopped.
+
+    .venv/bin/python -m bench.harmony --seeds 0 1 2 --configs lrc_only:lambda_gr=0 --out outputs/harmony
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+import typing
+from typing import Any
+
+from scipy import stats
+
+from harmoclip import MethodConfig
+from harmoclip.cli import parse_field_value
+from jobs.common import init_ray
+from jobs.regime import GC_ONLY, Regime, evaluate_base, finetune_and_evaluate, mean_r1, prepare_data, train_base
+
+BASELINE = "gc_only"
+REQUIRED = {
+    BASELINE: GC_ONLY,
+    # The trade-off earlier region methods show: region supervision without the global loss.
+    "region_only": MethodConfig(lambda_gc=0.0, lambda_gr=0.0),
+    "harmoclip": MethodConfig(),
+}
+
+
+def parse_config(text: str) -> tuple[str, MethodConfig]:
+    """`NAME:field=value,field=value` -> (NAME, MethodConfig with those overrides)."""
+    name, _, overrides = text.partition(":")
+    hints = typing.get_type_hints(MethodConfig)
+    fields = {f.name for f in dataclasses.fields(MethodConfig)}
+    values = {}
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"error: --configs {text}: {key!r} is not a MethodConfig field ({sorted(fields)})")
+        values[key] = parse_field_value(hints[key], value)
+    return name, MethodConfig(**values)
+
+
+def paired(values: list[float], baseline: list[float]) -> tuple[float, float]:
+    """Mean of the per-seed differences and the half-width of its 95% t interval."""
+    diffs = [v - b for v, b in zip(values, baseline)]
+    if len(diffs) < 2:
+        return statistics.fmean(diffs), float("nan")
+    return statistics.fmean(diffs), stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+
+
+def summary_table(study: dict[str, Any]) -> str:
+    """Per config: mean +- sd over seeds, and the paired difference to the baseline (points)."""
+    base_runs = {run["seed"]: run["val"] for run in study["configs"][BASELINE]["runs"]}
+    lines = ["| config | seeds | mean R@1 | box top-1 | d mean R@1 vs gc_only (95% CI) | d box top-1 (95% CI) |",
+             "|---|---|---|---|---|---|"]
+    if "base" in study:
+        lines.append(f"| base (no fine-tuning) | - | {100 * mean_r1(study['base']):.1f} | "
+                     f"{100 * study['base']['box']['top1']:.1f} | | |")
+    for name, config in study["configs"].items():
+        runs = [r for r in config["runs"] if r["seed"] in base_runs]
+        retrieval = [100 * mean_r1(r["val"]) for r in runs]
+        box = [100 * r["val"]["box"]["top1"] for r in runs]
+        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+        row = f"| {name} | {len(runs)} | {statistics.fmean(retrieval):.1f} ± {sd(retrieval):.1f} | " \
+              f"{statistics.fmean(box):.1f} ± {sd(box):.1f} |"
+        if name == BASELINE:
+            lines.append(row + " | |")
+            continue
+        base_retrieval = [100 * mean_r1(base_runs[r["seed"]]) for r in runs]
+        base_box = [100 * base_runs[r["seed"]]["box"]["top1"] for r in runs]
+        (dr, hr), (db, hb) = paired(retrieval, base_retrieval), paired(box, base_box)
+        lines.append(row + f" {dr:+.1f} ± {hr:.1f} | {db:+.1f} ± {hb:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m bench.harmony", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="study folder (data, base, runs, harmony.json)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument("--configs", nargs="*", default=[], help="extra configs, NAME:FIELD=VALUE,...")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these config names (others are kept)")
+    parser.add_argument("--model", default=Regime.model, help="open_clip model of the base and every arm")
+    parser.add_argument("--train-images", type=int, default=Regime.train_images)
+    parser.add_argument("--val-images", type=int, default=Regime.val_images)
+    parser.add_argument("--base-images", type=int, default=Regime.base_images)
+    parser.add_argument("--steps", type=int, default=Regime.finetune.steps, help="fine-tuning steps per arm")
+    parser.add_argument("--base-steps", type=int, default=Regime.base_train.steps, help="base pretraining steps")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)
+    regime = Regime(model=args.model, base_images=args.base_images, train_images=args.train_images,
+                    val_images=args.val_images,
+                    base_train=dataclasses.replace(Regime.base_train, steps=args.base_steps,
+                                                   checkpoint_every=args.base_steps),
+                    finetune=dataclasses.replace(Regime.finetune, steps=args.steps, checkpoint_every=args.steps))
+    configs = {**REQUIRED, **dict(parse_config(text) for text in args.configs)}
+    tracking_uri = f"sqlite:///{out}/mlflow.db"
+    os.makedirs(out, exist_ok=True)
+    study_file = f"{out}/harmony.json"
+    study = json.load(open(study_file)) if os.path.exists(study_file) else {"baseline": BASELINE, "configs": {}}
+    study["regime"] = dataclasses.asdict(regime)
+
+    init_ray()
+    print(f"[1/3] data and the base model under {out}", flush=True)
+    data = prepare_data(out, regime)
+    base = train_base(out, data, regime, tracking_uri)
+    study["base"] = evaluate_base(base, data)
+    todo = [(name, seed) for name in configs for seed in args.seeds if args.only is None or name in args.only]
+    print(f"[2/3] {len(todo)} fine-tuning runs ({regime.finetune.steps} steps each) from {base}", flush=True)
+    for number, (name, seed) in enumerate(todo, 1):
+        started = time.monotonic()
+        run_dir = f"{out}/runs/{name}/seed{seed}"
+        results = finetune_and_evaluate(run_dir, base, data, configs[name], seed, regime, tracking_uri)
+        entry = study["configs"].setdefault(name, {"method": dataclasses.asdict(configs[name]), "runs": []})
+        entry["method"] = dataclasses.asdict(configs[name])
+        entry["runs"] = sorted([r for r in entry["runs"] if r["seed"] != seed]
+                               + [{"seed": seed, "checkpoint": run_dir, "val": results}], key=lambda r: r["seed"])
+        with open(study_file, "w") as handle:
+            json.dump(study, handle, indent=2)
+        print(f"  {number}/{len(todo)} {name} seed {seed}: mean R@1 {100 * mean_r1(results):.1f}, box top-1 "
+              f"{100 * results['box']['top1']:.1f} ({time.monotonic() - started:.0f} s)", flush=True)
+    print("[3/3] summary (points; ± is the standard deviation over seeds, CI the 95% t interval of the "
+          f"paired difference)\n{summary_table(study)}\n\n{study_file}")
+    return study
+
+
+if __name__ == "__main__":
+    main()
