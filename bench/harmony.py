@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = prepare_data(out, regime)
     base = train_base(out, data, regime, tracking_uri)
     study["base"] = evaluate_base(base, data)
-    todo = [(name, seed) for name in configs for seed in args.seeds if args.only is None or name in args.only]
+    # Seed-major: after the first seed every config has one paired point, so a long study can be
+    # read (and steered) before it ends.
+    todo = [(name, seed) for seed in args.seeds for name in configs if args.only is None or name in args.only]
     print(f"[2/3] {len(todo)} fine-tuning runs ({regime.finetune.steps} steps each) from {base}", flush=True)
     for number, (name, seed) in enumerate(todo, 1):
         started = time.monotonic()

@@ -32,13 +32,13 @@ class Regime:
     """Sizes and budgets of the base pretraining and of each fine-tuning arm."""
 
     model: str = "harmo-tiny"
-    base_images: int = 1500
+    base_images: int = 1200
     base_seed: int = 99  # data and weights of the base: unrelated to the arms' seeds
     train_images: int = 1000
     val_images: int = 200
     regions: str = "felzenszwalb"  # training proposals; the base is GC-only and uses none
-    base_train: TrainConfig = TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=50,
-                                          checkpoint_every=600, log_every=20, seed=99)
+    base_train: TrainConfig = TrainConfig(steps=500, batch_size=32, lr=1e-3, warmup_steps=50,
+                                          checkpoint_every=500, log_every=20, seed=99)
     finetune: TrainConfig = TrainConfig(steps=300, batch_size=32, lr=2e-4, warmup_steps=30,
                                         checkpoint_every=300, log_every=10)
 

@@ -223,4 +223,5 @@ def worker_epoch(data: str, index: DatasetIndex, plan: EpochPlan, rank: int, sta
         read_window, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"data": data, "files": index.files, "spec": spec, "batch_size": batch_size})
     dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = False  # one per worker and epoch: the trainer reports progress
     return dataset
