@@ -28,17 +28,13 @@ from typing import Any
 from scipy import stats
 
 from harmoclip import MethodConfig
-from harmoclip.cli import parse_field_value
+from harmoclip.cli import add_config_arguments, config_from_args, parse_field_value
+from harmoclip.config import TrainConfig
 from jobs.common import init_ray
-from jobs.regime import GC_ONLY, Regime, evaluate_base, finetune_and_evaluate, mean_r1, prepare_data, train_base
+from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, finetune_and_evaluate, mean_r1,
+                         prepare_data, regime_from_args, run_dir, train_base)
 
 BASELINE = "gc_only"
-REQUIRED = {
-    BASELINE: GC_ONLY,
-    # The trade-off earlier region methods show: region supervision without the global loss.
-    "region_only": MethodConfig(lambda_gc=0.0, lambda_gr=0.0),
-    "harmoclip": MethodConfig(),
-}
 
 
 def parse_config(text: str) -> tuple[str, MethodConfig]:
@@ -95,43 +91,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     parser.add_argument("--configs", nargs="*", default=[], help="extra configs, NAME:FIELD=VALUE,...")
     parser.add_argument("--only", nargs="*", default=None, help="run only these config names (others are kept)")
-    parser.add_argument("--model", default=Regime.model, help="open_clip model of the base and every arm")
-    parser.add_argument("--train-images", type=int, default=Regime.train_images)
-    parser.add_argument("--val-images", type=int, default=Regime.val_images)
-    parser.add_argument("--base-images", type=int, default=Regime.base_images)
-    parser.add_argument("--steps", type=int, default=Regime.finetune.steps, help="fine-tuning steps per arm")
-    parser.add_argument("--base-steps", type=int, default=Regime.base_train.steps, help="base pretraining steps")
+    add_regime_arguments(parser)
+    add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
-    regime = Regime(model=args.model, base_images=args.base_images, train_images=args.train_images,
-                    val_images=args.val_images,
-                    base_train=dataclasses.replace(Regime.base_train, steps=args.base_steps,
-                                                   checkpoint_every=args.base_steps),
-                    finetune=dataclasses.replace(Regime.finetune, steps=args.steps, checkpoint_every=args.steps))
-    configs = {**REQUIRED, **dict(parse_config(text) for text in args.configs)}
+    regime = regime_from_args(args, config_from_args(args, TrainConfig))
+    configs = {**ARMS, **dict(parse_config(text) for text in args.configs)}
+    init_ray()
+    try:
+        return run_study(out, regime, configs, args.seeds, args.only)
+    except RegimeMismatch as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[int],
+              only: list[str] | None) -> dict[str, Any]:
     tracking_uri = f"sqlite:///{out}/mlflow.db"
     os.makedirs(out, exist_ok=True)
     study_file = f"{out}/harmony.json"
-    study = json.load(open(study_file)) if os.path.exists(study_file) else {"baseline": BASELINE, "configs": {}}
+    study = {"baseline": BASELINE, "configs": {}}
+    if os.path.exists(study_file):
+        with open(study_file) as handle:
+            study = json.load(handle)
     study["regime"] = dataclasses.asdict(regime)
 
-    init_ray()
     print(f"[1/3] data and the base model under {out}", flush=True)
     data = prepare_data(out, regime)
     base = train_base(out, data, regime, tracking_uri)
     study["base"] = evaluate_base(base, data)
     # Seed-major: after the first seed every config has one paired point, so a long study can be
     # read (and steered) before it ends.
-    todo = [(name, seed) for seed in args.seeds for name in configs if args.only is None or name in args.only]
+    todo = [(name, seed) for seed in seeds for name in configs if only is None or name in only]
     print(f"[2/3] {len(todo)} fine-tuning runs ({regime.finetune.steps} steps each) from {base}", flush=True)
     for number, (name, seed) in enumerate(todo, 1):
         started = time.monotonic()
-        run_dir = f"{out}/runs/{name}/seed{seed}"
-        results = finetune_and_evaluate(run_dir, base, data, configs[name], seed, regime, tracking_uri)
-        entry = study["configs"].setdefault(name, {"method": dataclasses.asdict(configs[name]), "runs": []})
+        run = run_dir(out, name, seed)
+        results = finetune_and_evaluate(run, base, data, configs[name], seed, regime, tracking_uri)
+        entry = study["configs"].setdefault(name, {"runs": []})
         entry["method"] = dataclasses.asdict(configs[name])
         entry["runs"] = sorted([r for r in entry["runs"] if r["seed"] != seed]
-                               + [{"seed": seed, "checkpoint": run_dir, "val": results}], key=lambda r: r["seed"])
+                               + [{"seed": seed, "checkpoint": run, "val": results}], key=lambda r: r["seed"])
         with open(study_file, "w") as handle:
             json.dump(study, handle, indent=2)
         print(f"  {number}/{len(todo)} {name} seed {seed}: mean R@1 {100 * mean_r1(results):.1f}, box top-1 "

@@ -24,7 +24,8 @@ from harmoclip.cli import add_config_arguments, config_from_args
 from harmoclip.config import TrainConfig
 from jobs import evaluate as evaluate_job
 from jobs.common import init_ray
-from jobs.regime import GC_ONLY, Regime, evaluate_base, finetune_and_evaluate, mean_r1, prepare_data, train_base
+from jobs.regime import (GC_ONLY, RegimeMismatch, add_regime_arguments, evaluate_base, finetune_and_evaluate, mean_r1,
+                         prepare_data, regime_from_args, run_dir, train_base)
 
 HEADLINE = (("retrieval", "i2t", "r1"), ("retrieval", "i2t", "r5"), ("retrieval", "t2i", "r1"), ("retrieval", "t2i", "r5"),
             ("box", "top1"), ("box", "top5"), ("box", "macc1"), ("box", "crop", "top1"), ("harmony",))
@@ -92,48 +93,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="folder for data, base, runs, results.json and the plot")
-    parser.add_argument("--model", default=Regime.model, help="open_clip model of the base and both arms")
-    parser.add_argument("--base-images", type=int, default=Regime.base_images, help="base corpus size")
-    parser.add_argument("--base-steps", type=int, default=Regime.base_train.steps, help="base pretraining steps")
-    parser.add_argument("--train-images", type=int, default=Regime.train_images)
-    parser.add_argument("--val-images", type=int, default=Regime.val_images)
-    parser.add_argument("--regions", default=Regime.regions, choices=["felzenszwalb", "grid", "gt"],
-                        help="training region proposals (felzenszwalb and grid need no annotation)")
+    add_regime_arguments(parser)
     parser.add_argument("--region-only", action="store_true", help="also fine-tune the region-only ablation")
     add_config_arguments(parser, MethodConfig)
     add_config_arguments(parser, TrainConfig)
-    parser.set_defaults(**{k: getattr(Regime.finetune, k) for k in ("steps", "batch_size", "lr", "warmup_steps",
-                                                                   "checkpoint_every", "log_every")})
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, "results.json")):
         raise SystemExit(f"error: {out} already holds a finished demo; pick another --out")
     started = time.monotonic()
     method, finetune = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
-    regime = Regime(model=args.model, base_images=args.base_images, train_images=args.train_images,
-                    val_images=args.val_images, regions=args.regions,
-                    base_train=replace(Regime.base_train, steps=args.base_steps, checkpoint_every=args.base_steps,
-                                       batch_size=finetune.batch_size),
-                    finetune=finetune)
+    regime = regime_from_args(args, finetune)
     tracking_uri = finetune.mlflow_uri or f"sqlite:///{out}/mlflow.db"
     init_ray()
+    try:
+        return _run(out, regime, method, finetune, tracking_uri, args.region_only, started)
+    except RegimeMismatch as err:
+        raise SystemExit(f"error: {err}") from err
 
+
+def _run(out: str, regime, method: MethodConfig, finetune: TrainConfig, tracking_uri: str, region_only: bool,
+         started: float) -> dict[str, Any]:
     print(f"[1/4] synthetic shapes data and Ray Data preparation -> {out}/data", flush=True)
     data = prepare_data(out, regime)
     print(f"[2/4] base model: GC-only pretraining on the separate base corpus -> {out}/base", flush=True)
     base = train_base(out, data, regime, tracking_uri)
     results: dict[str, Any] = {"base": evaluate_base(base, data)}
-    arms = {"baseline": GC_ONLY, "harmoclip": method}
-    if args.region_only:
-        arms["region_only"] = replace(method, lambda_gc=0.0, lambda_gr=0.0)
+    arms = {"baseline": ("gc_only", GC_ONLY), "harmoclip": ("harmoclip", method)}
+    if region_only:
+        arms["region_only"] = ("region_only", replace(method, lambda_gc=0.0, lambda_gr=0.0))
     histories = {}
-    for number, (name, arm_method) in enumerate(arms.items(), 1):
+    for number, (name, (config, arm_method)) in enumerate(arms.items(), 1):
         print(f"[3/4] fine-tune {ARM_LABELS[name]} from the base ({finetune.steps} steps, lambda_gc="
               f"{arm_method.lambda_gc}, lambda_lrc={arm_method.lambda_lrc}, lambda_gr={arm_method.lambda_gr}), "
               f"then evaluate ({number}/{len(arms)})", flush=True)
-        run_dir = f"{out}/runs/{name}"
-        results[name] = finetune_and_evaluate(run_dir, base, data, arm_method, finetune.seed, regime, tracking_uri)
-        histories[name] = _history(tracking_uri, run_dir)
+        run = run_dir(out, config, finetune.seed)
+        results[name] = finetune_and_evaluate(run, base, data, arm_method, finetune.seed, regime, tracking_uri)
+        histories[name] = _history(tracking_uri, run)
 
     print("[4/4] table and plot", flush=True)
     table = side_by_side(results)

@@ -6,14 +6,18 @@ model, pretrained GC-only on a separate synthetic corpus (other seed, other size
 each arm from it with the same budget on the training set, then evaluates on validation.
 
 Everything is cached under the output folder: data, prepared data and the base model are made
-once; a fine-tuned run whose results.json exists is not trained again.
+once, and an arm whose results.json exists is not trained again. The caches are stamped with what
+made them (DIR/regime.json, RUN/arm.json), so a folder made with other settings is refused rather
+than silently reused. jobs.demo and bench.harmony lay runs out the same way (RUN =
+DIR/runs/<config>/seed<k>), so `bench.harmony --out outputs/demo` extends a demo into a study.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from harmoclip import MethodConfig, ModelConfig
@@ -25,6 +29,13 @@ from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
 
 GC_ONLY = MethodConfig(lambda_lrc=0.0, lambda_gr=0.0)
+# The arms every comparison has: the baseline, the trade-off of earlier region methods (region
+# supervision without the global loss), and HarmoCLIP as shipped.
+ARMS = {"gc_only": GC_ONLY, "region_only": MethodConfig(lambda_gc=0.0, lambda_gr=0.0), "harmoclip": MethodConfig()}
+
+
+class RegimeMismatch(ValueError):
+    """An output folder holds data, a base model or a run made with other settings."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,25 @@ class Regime:
                                         checkpoint_every=300, log_every=10)
 
 
+def _stamp(path: str, made_with: dict[str, Any]) -> None:
+    """Record what made a cache, or refuse it when it was made with something else."""
+    made_with = json.loads(json.dumps(made_with, default=str))
+    if os.path.exists(path):
+        with open(path) as handle:
+            found = json.load(handle)
+        if found != made_with:
+            changed = sorted(k for k in set(found) | set(made_with) if found.get(k) != made_with.get(k))
+            raise RegimeMismatch(f"{os.path.dirname(path)} was made with other settings ({', '.join(changed)} "
+                                 f"differ, see {path}); use another --out")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(made_with, handle, indent=2, sort_keys=True)
+
+
 def prepare_data(out: str, regime: Regime, say: Callable[[str], None] = print) -> dict[str, str]:
     """Synthetic COCO folders (base corpus, train, val) and the prepared base and train sets."""
+    _stamp(f"{out}/regime.json", {k: v for k, v in asdict(regime).items() if k != "finetune"})
     data = f"{out}/data"
     for split, images, seed in (("base", regime.base_images, regime.base_seed), ("train", regime.train_images, 0),
                                 ("val", regime.val_images, 1)):
@@ -70,16 +98,22 @@ def train_base(out: str, data: dict[str, str], regime: Regime, tracking_uri: str
     return base
 
 
-def finetune_and_evaluate(run_dir: str, base: str, data: dict[str, str], method: MethodConfig, seed: int,
+def run_dir(out: str, config: str, seed: int) -> str:
+    return f"{out}/runs/{config}/seed{seed}"
+
+
+def finetune_and_evaluate(run: str, base: str, data: dict[str, str], method: MethodConfig, seed: int,
                           regime: Regime, tracking_uri: str) -> dict[str, Any]:
-    """One arm from the base: train, evaluate on val, keep `run_dir/results.json` (cached)."""
-    results_file = f"{run_dir}/results.json"
+    """One arm from the base: train, evaluate on val, keep `run/results.json` (cached)."""
+    finetune = replace(regime.finetune, seed=seed, mlflow_uri=None)
+    _stamp(f"{run}/arm.json", {"method": asdict(method), "finetune": asdict(finetune)})
+    results_file = f"{run}/results.json"
     if os.path.exists(results_file):
         with open(results_file) as handle:
             return json.load(handle)
-    train_job.run(data["train"], run_dir, ModelConfig(name=regime.model, init_from=base), method,
-                  replace(regime.finetune, seed=seed, mlflow_uri=tracking_uri))
-    results = {**evaluate_job.evaluate(run_dir, data["val"]), "checkpoint": run_dir}
+    train_job.run(data["train"], run, ModelConfig(name=regime.model, init_from=base), method,
+                  replace(finetune, mlflow_uri=tracking_uri))
+    results = {**evaluate_job.evaluate(run, data["val"]), "checkpoint": run}
     with open(results_file, "w") as handle:
         json.dump(results, handle, indent=2)
     return results
@@ -93,6 +127,28 @@ def evaluate_base(base: str, data: dict[str, str]) -> dict[str, Any]:
             json.dump({**evaluate_job.evaluate(base, data["val"]), "checkpoint": base}, handle, indent=2)
     with open(results_file) as handle:
         return json.load(handle)
+
+
+def add_regime_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data sizes and the base pretraining; the fine-tuning budget is TrainConfig's flags."""
+    parser.add_argument("--model", default=Regime.model, help="open_clip model of the base and every arm")
+    parser.add_argument("--base-images", type=int, default=Regime.base_images, help="base corpus size")
+    parser.add_argument("--base-steps", type=int, default=Regime.base_train.steps, help="base pretraining steps")
+    parser.add_argument("--train-images", type=int, default=Regime.train_images)
+    parser.add_argument("--val-images", type=int, default=Regime.val_images)
+    parser.add_argument("--regions", default=Regime.regions, choices=["felzenszwalb", "grid", "gt"],
+                        help="training region proposals (felzenszwalb and grid need no annotation)")
+    parser.set_defaults(**{k: getattr(Regime.finetune, k) for k in ("steps", "batch_size", "lr", "warmup_steps",
+                                                                   "checkpoint_every", "log_every")})
+
+
+def regime_from_args(args: argparse.Namespace, finetune: TrainConfig) -> Regime:
+    """The regime of the parsed flags; the base trains with the arms' batch size."""
+    return Regime(model=args.model, base_images=args.base_images, train_images=args.train_images,
+                  val_images=args.val_images, regions=args.regions,
+                  base_train=replace(Regime.base_train, steps=args.base_steps, checkpoint_every=args.base_steps,
+                                     batch_size=finetune.batch_size),
+                  finetune=finetune)
 
 
 def mean_r1(results: dict[str, Any]) -> float:

@@ -1,4 +1,4 @@
-"""jobs.evaluate on a COCO folder and on its prepared twin, and the demo end to end (small)."""
+"""jobs.evaluate on a COCO folder and on its prepared twin."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from harmoclip import ModelConfig, create_clip
 from harmoclip.checkpoint import save_open_clip_weights
 from harmoclip.config import PrepareConfig
-from jobs import demo as demo_job
 from jobs import evaluate as evaluate_job
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
@@ -57,28 +56,3 @@ def test_coco_folder_and_prepared_twin_give_the_same_numbers(ray_local, weights,
 def test_bare_weights_file_needs_the_model_name(weights):
     with pytest.raises(SystemExit):
         evaluate_job.main(["--checkpoint", weights, "--data", "/nonexistent"])
-
-
-def test_demo_end_to_end_small(ray_local, tmp_path):
-    out = tmp_path / "demo"
-    results = demo_job.main(["--out", str(out), "--base-images", "24", "--base-steps", "4", "--train-images", "24",
-                             "--val-images", "12", "--steps", "4", "--batch-size", "8", "--checkpoint-every", "4",
-                             "--log-every", "2", "--warmup-steps", "2", "--regions", "grid", "--region-only"])
-    saved = json.loads((out / "results.json").read_text())
-    assert set(saved) == {"base", "baseline", "harmoclip", "region_only"}
-    assert saved["base"]["checkpoint"] == str(out / "base")
-    for name in ("baseline", "harmoclip", "region_only"):
-        assert saved[name]["checkpoint"] == str(out / "runs" / name)
-        config = json.loads((out / "runs" / name / "harmoclip.json").read_text())
-        assert config["model"]["init_from"] == str(out / "base")  # every arm fine-tunes the base
-        again = evaluate_job.evaluate(saved[name]["checkpoint"], str(out / "data" / "val"))
-        assert again["box"]["top1"] == pytest.approx(saved[name]["box"]["top1"])
-    assert saved["region_only"]["checkpoint"] != saved["harmoclip"]["checkpoint"]
-    assert (out / "demo.png").stat().st_size > 10_000
-    assert results["baseline"]["protocol"]["model"] == "harmo-tiny"
-    # the cached base is not trained again: a second demo in the same folder after removing the table
-    (out / "results.json").unlink()
-    base_mtime = (out / "base" / "open_clip_weights.pt").stat().st_mtime
-    demo_job.main(["--out", str(out), "--base-images", "24", "--base-steps", "4", "--train-images", "24",
-                   "--val-images", "12", "--steps", "4", "--batch-size", "8", "--regions", "grid"])
-    assert (out / "base" / "open_clip_weights.pt").stat().st_mtime == base_mtime
