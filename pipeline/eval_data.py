@@ -17,7 +17,7 @@ import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy
 import torch
 from PIL import Image
 
@@ -94,12 +94,14 @@ def squash_pixels(image: Image.Image, size: int, mean, std) -> np.ndarray:
     return ((pixels - np.array(mean, np.float32)) / np.array(std, np.float32)).transpose(2, 0, 1)
 
 
-class ImageEmbedder:
-    """Ray Data actor: global embedding, RoIAlign region features and crop-and-encode features."""
+class Embedder:
+    """Ray Data actor, one model per actor: for each image row its global embedding, RoIAlign
+    region features, crop-and-encode features and the embeddings of its captions."""
 
     def __init__(self, model: ModelConfig) -> None:
         torch.set_grad_enabled(False)
         self.model = HarmoCLIP(create_clip(model), MethodConfig()).eval()
+        self.tokenizer = open_clip.get_tokenizer(model.name)
         preprocess = self.model.clip.visual.preprocess_cfg
         self.size, self.mean, self.std = self.model.image_size[0], preprocess["mean"], preprocess["std"]
 
@@ -122,27 +124,22 @@ class ImageEmbedder:
                              max(y1 * image.height, y0 * image.height + 1)))
                  for image, image_boxes in zip(images, boxes) for x0, y0, x1, y1 in image_boxes]
         crop_features = self.model.encode_image(self._encode(crops), dense=False).global_ if crops else None
-        region_lists, crop_lists, offset = [], [], 0
-        for i, image_boxes in enumerate(boxes):
+        captions = batch["captions"].to_pylist()
+        flat = [caption for per_image in captions for caption in per_image]
+        text_features = self.model.encode_text(self.tokenizer(flat))[0] if flat else None
+        region_lists, crop_lists, text_lists, box_offset, text_offset = [], [], [], 0, 0
+        for i, (image_boxes, image_captions) in enumerate(zip(boxes, captions)):
             region_lists.append(regions[i, : len(image_boxes)].tolist())
-            crop_lists.append(crop_features[offset: offset + len(image_boxes)].tolist() if image_boxes else [])
-            offset += len(image_boxes)
+            crop_lists.append(crop_features[box_offset: box_offset + len(image_boxes)].tolist() if image_boxes else [])
+            text_lists.append(text_features[text_offset: text_offset + len(image_captions)].tolist()
+                              if image_captions else [])
+            box_offset += len(image_boxes)
+            text_offset += len(image_captions)
+        nested = pa.list_(pa.list_(pa.float32()))
         return pa.table({"image_features": pa.array(features.global_.tolist(), pa.list_(pa.float32())),
-                         "region_features": pa.array(region_lists, pa.list_(pa.list_(pa.float32()))),
-                         "crop_features": pa.array(crop_lists, pa.list_(pa.list_(pa.float32())))})
-
-
-class TextEmbedder:
-    """Ray Data actor: caption embeddings."""
-
-    def __init__(self, model: ModelConfig) -> None:
-        torch.set_grad_enabled(False)
-        self.model = HarmoCLIP(create_clip(model), MethodConfig()).eval()
-        self.tokenizer = open_clip.get_tokenizer(model.name)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        features, _ = self.model.encode_text(self.tokenizer(batch["caption"].to_pylist()))
-        return pa.table({"text_features": pa.array(features.tolist(), pa.list_(pa.float32()))})
+                         "region_features": pa.array(region_lists, nested),
+                         "crop_features": pa.array(crop_lists, nested),
+                         "text_features": pa.array(text_lists, nested)})
 
 
 @dataclass
@@ -164,24 +161,20 @@ def _stack(dataset: ray.data.Dataset, column: str, nested: bool = False) -> torc
 
 
 def embed(eval_set: EvalSet, model: ModelConfig, batch_size: int = 64, actors: int = 1) -> Embeddings:
-    """Embed every image, box and caption of the set with Ray Data actor pools (order preserved)."""
-    DataContext.get_current().execution_options.preserve_order = True
+    """Embed every image, box and caption of the set in one Ray Data actor pool (order preserved)."""
     rows = eval_set.rows
     chunks = [rows.slice(i, batch_size) for i in range(0, rows.num_rows, batch_size)]
-    images = ray.data.from_arrow(chunks).map_batches(
-        ImageEmbedder, batch_format="pyarrow", batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
-        fn_constructor_kwargs={"model": model}).materialize()
-    captions = [c for per_image in rows["captions"].to_pylist() for c in per_image]
-    text_to_image = [i for i, per_image in enumerate(rows["captions"].to_pylist()) for _ in per_image]
-    caption_table = pa.table({"caption": captions})
-    texts = ray.data.from_arrow([caption_table.slice(i, 256) for i in range(0, len(captions), 256)]).map_batches(
-        TextEmbedder, batch_format="pyarrow", batch_size=256, compute=ActorPoolStrategy(size=actors),
+    dataset = ray.data.from_arrow(chunks).map_batches(
+        Embedder, batch_format="pyarrow", batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": model})
+    dataset.context.execution_options.preserve_order = True
+    dataset = dataset.materialize()
+    text_to_image = [i for i, per_image in enumerate(rows["captions"].to_pylist()) for _ in per_image]
     return Embeddings(
-        images=_stack(images, "image_features"),
-        texts=_stack(texts, "text_features"),
+        images=_stack(dataset, "image_features"),
+        texts=_stack(dataset, "text_features", nested=True),
         text_to_image=torch.tensor(text_to_image, dtype=torch.long),
-        regions=_stack(images, "region_features", nested=True),
-        crops=_stack(images, "crop_features", nested=True),
+        regions=_stack(dataset, "region_features", nested=True),
+        crops=_stack(dataset, "crop_features", nested=True),
         labels=torch.tensor([label for per_image in rows["labels"].to_pylist() for label in per_image], dtype=torch.long),
     )
