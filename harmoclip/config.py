@@ -1,6 +1,6 @@
 """Every setting of the method and model, in one typed place.
 
-The paper's method section was not available to us (see `shared/reference/method-notes.md`), so
+The paper's method section was not available to us (see docs/method.md), so
 each reconstruction is a named field here rather than a constant in code: it is printed by
 `--help`, logged as an MLflow param, and switchable. Fields whose help starts with "Assumption"
 are our reading of the paper, with the alternatives listed.

@@ -1,4 +1,4 @@
-"""Each loss against a value worked out by hand, and the masking rules of DESIGN section 2."""
+"""Each loss against a value worked out by hand, and the masking rules of docs/method.md."""
 
 from __future__ import annotations
 
