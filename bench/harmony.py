@@ -3,8 +3,10 @@ over several seeds, in the fine-tune regime (jobs.regime)?
 
 Every config is fine-tuned from the same GC-only base for every seed through jobs.train and
 evaluated on val through jobs.evaluate. DIR/harmony.json holds every run:
-    {"baseline": "gc_only", "base": {...}, "configs": {NAME: {"method": {...},
-     "runs": [{"seed": 0, "checkpoint": RUN, "val": {jobs.evaluate keys}}, ...]}}}
+    {"baseline": "gc_only", "configs": {NAME: {"method": {...},
+     "runs": [{"seed": 0, "checkpoint": RUN, "val": {jobs.evaluate keys}}, ...]}},
+     "base_results": {"val": {...}}, "regime": {...}}
+(with --holdout, every run and the base also get "holdout": the same keys on a second set)
 and the printed table gives per config the mean and standard deviation over seeds of mean R@1
 and box top-1, and the paired difference to gc_only (same seed) with a 95% t interval.
 gc_only, region_only (LRC without GC) and harmoclip (the shipped defaults) are always run;
@@ -31,8 +33,9 @@ from harmoclip import MethodConfig
 from harmoclip.cli import add_config_arguments, config_from_args, parse_field_value
 from harmoclip.config import TrainConfig
 from jobs.common import init_ray
-from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, finetune_and_evaluate, mean_r1,
-                         prepare_data, regime_from_args, run_dir, train_base)
+from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, evaluate_cached,
+                         finetune_and_evaluate, mean_r1, prepare_data, regime_from_args, run_dir, train_base,
+                         write_holdout)
 
 BASELINE = "gc_only"
 
@@ -59,18 +62,20 @@ def paired(values: list[float], baseline: list[float]) -> tuple[float, float]:
     return statistics.fmean(diffs), stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
 
 
-def summary_table(study: dict[str, Any]) -> str:
+def summary_table(study: dict[str, Any], split: str = "val") -> str:
     """Per config: mean +- sd over seeds, and the paired difference to the baseline (points)."""
-    base_runs = {run["seed"]: run["val"] for run in study["configs"][BASELINE]["runs"]}
+    base_runs = {run["seed"]: run[split] for run in study["configs"][BASELINE]["runs"] if split in run}
     lines = ["| config | seeds | mean R@1 | box top-1 | d mean R@1 vs gc_only (95% CI) | d box top-1 (95% CI) |",
              "|---|---|---|---|---|---|"]
-    if "base" in study:
-        lines.append(f"| base (no fine-tuning) | - | {100 * mean_r1(study['base']):.1f} | "
-                     f"{100 * study['base']['box']['top1']:.1f} | | |")
+    if split in study.get("base_results", {}):
+        base = study["base_results"][split]
+        lines.append(f"| base (no fine-tuning) | - | {100 * mean_r1(base):.1f} | {100 * base['box']['top1']:.1f} | | |")
     for name, config in study["configs"].items():
-        runs = [r for r in config["runs"] if r["seed"] in base_runs]
-        retrieval = [100 * mean_r1(r["val"]) for r in runs]
-        box = [100 * r["val"]["box"]["top1"] for r in runs]
+        runs = [r for r in config["runs"] if r["seed"] in base_runs and split in r]
+        if not runs:
+            continue
+        retrieval = [100 * mean_r1(r[split]) for r in runs]
+        box = [100 * r[split]["box"]["top1"] for r in runs]
         sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan"))
         row = f"| {name} | {len(runs)} | {statistics.fmean(retrieval):.1f} ± {sd(retrieval):.1f} | " \
               f"{statistics.fmean(box):.1f} ± {sd(box):.1f} |"
@@ -91,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     parser.add_argument("--configs", nargs="*", default=[], help="extra configs, NAME:FIELD=VALUE,...")
     parser.add_argument("--only", nargs="*", default=None, help="run only these config names (others are kept)")
+    parser.add_argument("--holdout", action="store_true",
+                        help="also evaluate every run on a second validation set drawn differently (other "
+                             "seed, image size and captions per image), reported beside val, never used to choose")
     add_regime_arguments(parser)
     add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
@@ -99,13 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = {**ARMS, **dict(parse_config(text) for text in args.configs)}
     init_ray()
     try:
-        return run_study(out, regime, configs, args.seeds, args.only)
+        return run_study(out, regime, configs, args.seeds, args.only, args.holdout)
     except RegimeMismatch as err:
         raise SystemExit(f"error: {err}") from err
 
 
 def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[int],
-              only: list[str] | None) -> dict[str, Any]:
+              only: list[str] | None, holdout: bool) -> dict[str, Any]:
     tracking_uri = f"sqlite:///{out}/mlflow.db"
     os.makedirs(out, exist_ok=True)
     study_file = f"{out}/harmony.json"
@@ -118,7 +126,10 @@ def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[in
     print(f"[1/3] data and the base model under {out}", flush=True)
     data = prepare_data(out, regime)
     base = train_base(out, data, regime, tracking_uri)
-    study["base"] = evaluate_base(base, data)
+    holdout_data = write_holdout(out, regime) if holdout else None
+    study["base_results"] = {"val": evaluate_base(base, data)}
+    if holdout_data:
+        study["base_results"]["holdout"] = evaluate_cached(base, holdout_data, f"{base}/holdout.json")
     # Seed-major: after the first seed every config has one paired point, so a long study can be
     # read (and steered) before it ends.
     todo = [(name, seed) for seed in seeds for name in configs if only is None or name in only]
@@ -129,14 +140,20 @@ def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[in
         results = finetune_and_evaluate(run, base, data, configs[name], seed, regime, tracking_uri)
         entry = study["configs"].setdefault(name, {"runs": []})
         entry["method"] = dataclasses.asdict(configs[name])
-        entry["runs"] = sorted([r for r in entry["runs"] if r["seed"] != seed]
-                               + [{"seed": seed, "checkpoint": run, "val": results}], key=lambda r: r["seed"])
+        record = {"seed": seed, "checkpoint": run, "val": results}
+        if holdout_data:
+            record["holdout"] = evaluate_cached(run, holdout_data, f"{run}/holdout.json")
+        entry["runs"] = sorted([r for r in entry["runs"] if r["seed"] != seed] + [record], key=lambda r: r["seed"])
         with open(study_file, "w") as handle:
             json.dump(study, handle, indent=2)
         print(f"  {number}/{len(todo)} {name} seed {seed}: mean R@1 {100 * mean_r1(results):.1f}, box top-1 "
               f"{100 * results['box']['top1']:.1f} ({time.monotonic() - started:.0f} s)", flush=True)
-    print("[3/3] summary (points; ± is the standard deviation over seeds, CI the 95% t interval of the "
-          f"paired difference)\n{summary_table(study)}\n\n{study_file}")
+    print("[3/3] summary on val (points; ± is the standard deviation over seeds, CI the 95% t interval of "
+          f"the paired difference)\n{summary_table(study)}\n")
+    if holdout_data:
+        print(f"the same on the holdout set ({holdout_data}, never used to choose):\n"
+              f"{summary_table(study, 'holdout')}\n")
+    print(study_file)
     return study
 
 

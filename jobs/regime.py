@@ -29,6 +29,7 @@ from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
 
 GC_ONLY = MethodConfig(lambda_lrc=0.0, lambda_gr=0.0)
+HOLDOUT_SEED, HOLDOUT_SIZE, HOLDOUT_CAPTIONS = 5, 96, 3
 # The arms every comparison has: the baseline, the trade-off of earlier region methods (region
 # supervision without the global loss), and HarmoCLIP as shipped.
 ARMS = {"gc_only": GC_ONLY, "region_only": MethodConfig(lambda_gc=0.0, lambda_gr=0.0), "harmoclip": MethodConfig()}
@@ -47,6 +48,7 @@ class Regime:
     base_seed: int = 99  # data and weights of the base: unrelated to the arms' seeds
     train_images: int = 1000
     val_images: int = 200
+    holdout_images: int = 300
     regions: str = "felzenszwalb"  # training proposals; the base is GC-only and uses none
     base_train: TrainConfig = TrainConfig(steps=500, batch_size=32, lr=1e-3, warmup_steps=50,
                                           checkpoint_every=500, log_every=20, seed=99)
@@ -107,26 +109,34 @@ def finetune_and_evaluate(run: str, base: str, data: dict[str, str], method: Met
     """One arm from the base: train, evaluate on val, keep `run/results.json` (cached)."""
     finetune = replace(regime.finetune, seed=seed, mlflow_uri=None)
     _stamp(f"{run}/arm.json", {"method": asdict(method), "finetune": asdict(finetune)})
-    results_file = f"{run}/results.json"
-    if os.path.exists(results_file):
-        with open(results_file) as handle:
-            return json.load(handle)
-    train_job.run(data["train"], run, ModelConfig(name=regime.model, init_from=base), method,
-                  replace(finetune, mlflow_uri=tracking_uri))
-    results = {**evaluate_job.evaluate(run, data["val"]), "checkpoint": run}
-    with open(results_file, "w") as handle:
-        json.dump(results, handle, indent=2)
-    return results
+    if not os.path.exists(f"{run}/results.json"):
+        train_job.run(data["train"], run, ModelConfig(name=regime.model, init_from=base), method,
+                      replace(finetune, mlflow_uri=tracking_uri))
+    return evaluate_cached(run, data["val"], f"{run}/results.json")
+
+
+def evaluate_cached(run: str, data: str, results_file: str) -> dict[str, Any]:
+    """jobs.evaluate of a run on a data set, kept in `results_file` (not redone when present)."""
+    if not os.path.exists(results_file):
+        with open(results_file, "w") as handle:
+            json.dump({**evaluate_job.evaluate(run, data), "checkpoint": run}, handle, indent=2)
+    with open(results_file) as handle:
+        return json.load(handle)
 
 
 def evaluate_base(base: str, data: dict[str, str]) -> dict[str, Any]:
     """The base model without fine-tuning, on val (cached beside it)."""
-    results_file = f"{base}/results.json"
-    if not os.path.exists(results_file):
-        with open(results_file, "w") as handle:
-            json.dump({**evaluate_job.evaluate(base, data["val"]), "checkpoint": base}, handle, indent=2)
-    with open(results_file) as handle:
-        return json.load(handle)
+    return evaluate_cached(base, data["val"], f"{base}/results.json")
+
+
+def write_holdout(out: str, regime: Regime) -> str:
+    """A second validation set drawn differently (other seed, image size and captions per image),
+    never used to choose anything: a check that a choice made on val generalises."""
+    holdout = f"{out}/data/holdout"
+    if not os.path.exists(f"{holdout}/captions.json"):
+        write_shapes_dataset(holdout, images=regime.holdout_images, seed=HOLDOUT_SEED, size=HOLDOUT_SIZE,
+                             captions_per_image=HOLDOUT_CAPTIONS)
+    return holdout
 
 
 def add_regime_arguments(parser: argparse.ArgumentParser) -> None:

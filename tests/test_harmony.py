@@ -82,6 +82,21 @@ def test_config_overrides_are_parsed_by_field_type(text, message):
             harmony.parse_config(text)
 
 
+def _results(r1: float, box: float) -> dict:
+    return {"retrieval": {"i2t": {"r1": r1}, "t2i": {"r1": r1}}, "box": {"top1": box}}
+
+
+def test_summary_reports_each_split_with_paired_differences():
+    study = {"baseline": "gc_only", "base_results": {"holdout": _results(0.4, 0.1)}, "configs": {
+        "gc_only": {"runs": [{"seed": s, "val": _results(0.5, 0.1), "holdout": _results(0.5, 0.1 + s / 100)}
+                             for s in (0, 1)]},
+        "x": {"runs": [{"seed": s, "val": _results(0.5, 0.2), "holdout": _results(0.4, 0.3 + s / 100)}
+                       for s in (0, 1)]}}}
+    table = harmony.summary_table(study, "holdout")
+    assert "| base (no fine-tuning) | - | 40.0 | 10.0 | | |" in table
+    assert "| x | 2 | 40.0 ± 0.0 | 30.5 ± 0.7 | -10.0 ± 0.0 | +20.0 ± 0.0 |" in table
+
+
 def test_paired_interval_is_the_t_interval_of_the_differences():
     mean, half = harmony.paired([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])  # differences 2, 3, 4: sd 1
     assert mean == 3.0 and half == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2) = 4.3027
