@@ -28,16 +28,16 @@ from pipeline.prepare import prepare
 from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
 from pipeline.sampling import Schedule
-from pipeline.train_data import training_index, worker_epoch
+from pipeline.train_data import training_index, worker_batches
 
 def in_memory_rate(data: str, model_config: ModelConfig, method: MethodConfig, train: TrainConfig) -> float:
     torch.manual_seed(train.seed)
     clip = create_clip(model_config)
     spec = train_job.batch_spec(clip, model_config, method, train)
     index, _ = training_index(data, spec)
-    plan = Schedule(index, train.seed, 1, train.batch_size, train.shuffle_window).plan(0)
+    schedule = Schedule(index, train.seed, 1, train.batch_size, train.shuffle_window)
     batches = [{k: torch.as_tensor(np.asarray(v)) for k, v in b.items()}
-               for b in worker_epoch(data, index, plan, 0, 0, spec, train.batch_size).iter_batches(
+               for b in worker_batches(data, index, schedule, 0, 0, schedule.plan(0).steps, spec).iter_batches(
                    batch_size=train.batch_size, batch_format="numpy")]
     model = HarmoCLIP(clip, method)
     loss_fn = HarmoCLIPLoss(method)

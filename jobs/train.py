@@ -13,6 +13,7 @@ logs the whole config and per-step metrics to MLflow. OUT ends up holding open_c
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import hashlib
 import os
@@ -37,7 +38,7 @@ from harmoclip.storage import join, resolve
 from harmoclip.tracking import RunTracker, default_tracking_uri
 from jobs.common import init_ray, run_storage
 from pipeline.sampling import DatasetIndex, Schedule
-from pipeline.train_data import BatchSpec, DatasetError, training_index, worker_epoch
+from pipeline.train_data import BatchSpec, DatasetError, training_index, worker_batches
 
 LOSS_TERMS = ("loss", "gc", "lrc", "gr")
 
@@ -75,7 +76,7 @@ def _maybe_crash(spec: RunSpec, step: int, rank: int) -> None:
 
 
 def train_worker(config: dict[str, RunSpec]) -> None:
-    """One Ray Train worker: 1. model and state, 2. this epoch's rows, 3. steps, 4. report and checkpoint."""
+    """One Ray Train worker: 1. model and state, 2. its rows, 3. steps, 4. report and checkpoint."""
     spec = config["spec"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -99,65 +100,61 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     tracker = (RunTracker(spec.tracking_uri, train.experiment, spec.out, os.path.basename(spec.out.rstrip("/")),
                           spec.params(), spec.parent_run_id) if rank == 0 else None)
 
-    # 2. The epoch and position of the next step; the plan says which rows this worker reads.
+    # 2. The rows of every remaining step, in the order the plan gives for this seed and worker.
     index: DatasetIndex = ray.get(spec.index)
     schedule = Schedule(index, train.seed, world_size, train.batch_size, train.shuffle_window)
-    epoch, offset = schedule.locate(step)
+    rows = worker_batches(spec.data, index, schedule, rank, step, spec.total_steps, spec.batch)
+    epoch_starts = schedule.epoch_starts(spec.total_steps)
     global_batch = train.batch_size * world_size
     first_step, first_step_done = step + 1, None  # throughput is measured from the end of the first step
-    while step < spec.total_steps:
-        rows = worker_epoch(spec.data, index, schedule.plan(epoch), rank, offset, spec.batch, train.batch_size)
-        for batch in rows.iter_torch_batches(batch_size=train.batch_size, device=device, prefetch_batches=4):
-            # 3. One optimizer step.
-            step += 1
-            start = time.perf_counter()
-            final = step >= spec.total_steps
-            log_step = step % train.log_every == 0 or step % train.checkpoint_every == 0 or final
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.gpu):
-                losses = loss_fn(ddp_model(batch))
-            loss = losses["loss"].float()
-            if train.inject_nan_at_step == step:
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. The checkpoints of "
-                                         f"earlier steps in {spec.out} are intact (lower --lr or check the data)")
-            term_norms = (term_gradient_norms(loss_fn.weighted(losses), model)
-                          if log_step and train.grad_norms else {})
-            grad_norm = apply_gradients(loss, model, optimizer, scheduler, train.grad_clip)
-            _maybe_crash(spec, step, rank)
-            if first_step_done is None:
-                first_step_done = time.perf_counter()
+    for batch in rows.iter_torch_batches(batch_size=train.batch_size, device=device, prefetch_batches=4):
+        # 3. One optimizer step.
+        step += 1
+        start = time.perf_counter()
+        final = step >= spec.total_steps
+        log_step = step % train.log_every == 0 or step % train.checkpoint_every == 0 or final
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=train.gpu):
+            losses = loss_fn(ddp_model(batch))
+        loss = losses["loss"].float()
+        if train.inject_nan_at_step == step:
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping. The checkpoints of "
+                                     f"earlier steps in {spec.out} are intact (lower --lr or check the data)")
+        term_norms = (term_gradient_norms(loss_fn.weighted(losses), model)
+                      if log_step and train.grad_norms else {})
+        grad_norm = apply_gradients(loss, model, optimizer, scheduler, train.grad_clip)
+        _maybe_crash(spec, step, rank)
+        if first_step_done is None:
+            first_step_done = time.perf_counter()
 
-            # 4. Metrics every log_every steps, a checkpoint every checkpoint_every steps and at the end.
-            if not log_step:
-                continue
-            metrics = {k: float(losses[k].detach()) for k in LOSS_TERMS if k in losses}
-            metrics.update(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0],
-                           logit_scale=model.clip.logit_scale.exp().item(),
-                           samples_per_s=global_batch / (time.perf_counter() - start),
-                           wall_samples_per_s=(step - first_step) * global_batch
-                           / max(time.perf_counter() - first_step_done, 1e-9),
-                           **{f"grad_norm_{k}": v for k, v in term_norms.items()},
-                           **{name: param.exp().item() for name, param in model.loss_parameters().items()},
-                           **{k: float(v) for k, v in losses.items() if k.endswith(("_empty", "_lexemes", "_images"))})
-            if grad_norm is not None:
-                metrics.update(grad_norm=float(grad_norm), grad_norm_clipped=min(float(grad_norm), train.grad_clip))
-            if tracker:
-                tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
-            if step % train.checkpoint_every == 0 or final:
-                with tempfile.TemporaryDirectory() as directory:
-                    checkpoint = None
-                    if rank == 0:
-                        write_checkpoint(directory, model.clip, optimizer, scheduler, step,
-                                         {"model": dataclasses.asdict(spec.model),
-                                          "method": dataclasses.asdict(spec.method)}, model.loss_parameters())
-                        checkpoint = ray.train.Checkpoint.from_directory(directory)
-                    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
-            else:
-                ray.train.report(metrics)
-            if final:
-                break
-        epoch, offset = epoch + 1, 0
+        # 4. Metrics every log_every steps, a checkpoint every checkpoint_every steps and at the end.
+        if not log_step:
+            continue
+        metrics = {k: float(losses[k].detach()) for k in LOSS_TERMS if k in losses}
+        metrics.update(step=step, epoch=bisect.bisect_right(epoch_starts, step - 1) - 1,
+                       lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item(),
+                       samples_per_s=global_batch / (time.perf_counter() - start),
+                       wall_samples_per_s=(step - first_step) * global_batch
+                       / max(time.perf_counter() - first_step_done, 1e-9),
+                       **{f"grad_norm_{k}": v for k, v in term_norms.items()},
+                       **{name: param.exp().item() for name, param in model.loss_parameters().items()},
+                       **{k: float(v) for k, v in losses.items() if k.endswith(("_empty", "_lexemes", "_images"))})
+        if grad_norm is not None:
+            metrics.update(grad_norm=float(grad_norm), grad_norm_clipped=min(float(grad_norm), train.grad_clip))
+        if tracker:
+            tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+        if step % train.checkpoint_every == 0 or final:
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint = None
+                if rank == 0:
+                    write_checkpoint(directory, model.clip, optimizer, scheduler, step,
+                                     {"model": dataclasses.asdict(spec.model),
+                                      "method": dataclasses.asdict(spec.method)}, model.loss_parameters())
+                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+        else:
+            ray.train.report(metrics)
     if tracker:
         tracker.finish()
 

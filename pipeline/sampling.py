@@ -5,7 +5,7 @@ Training must draw *images*: an epoch holds every image once, with one of its ca
 the seed, so no batch (on any worker) holds two captions of one image. And the order must never
 depend on timing or load: it is computed here, from (seed, epoch, number of workers) and the
 dataset's index alone, before any data is read. Ray Data then only reads and decodes what the
-plan names (`pipeline.train_data.worker_epoch`).
+plan names (`pipeline.train_data.worker_batches`).
 
 How an epoch is laid out (all draws from one `numpy.random.Generator` seeded with (seed, epoch)):
 1. each image's caption row is drawn uniformly among its rows;
@@ -15,12 +15,15 @@ How an epoch is laid out (all draws from one `numpy.random.Generator` seeded wit
 4. each worker's chosen rows are shuffled within windows of `shuffle_window` rows;
 5. every worker trains `steps` batches of `batch_size` (the smallest worker's count), so all
    workers run the same number of steps and DDP never waits on a worker that ran out.
-Resuming at step k of an epoch skips the first k batches by position, without reading them.
+Resuming at step k of an epoch skips the first k batches by position, without reading them; a
+worker reads all its remaining epochs as one stream of windows, so epochs follow each other
+without a pause.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -149,3 +152,26 @@ class Schedule:
                 return epoch, step
             step -= steps
             epoch += 1
+
+    def epoch_starts(self, end_step: int) -> list[int]:
+        """The global step (0-based) at which each epoch begins, for every epoch before `end_step`."""
+        starts, step, epoch = [], 0, 0
+        while step < end_step:
+            starts.append(step)
+            step += self.plan(epoch).steps
+            epoch += 1
+        return starts
+
+    def windows(self, rank: int, start_step: int, end_step: int) -> Iterator[np.ndarray]:
+        """Row numbers of worker `rank`'s shuffle windows covering steps [start_step, end_step) in
+        order, across epochs; each window is whole batches of this worker's rows."""
+        epoch, offset = self.locate(start_step)
+        left = end_step - start_step
+        while left > 0:
+            plan = self.plan(epoch)
+            batches = plan.batches(rank, self.batch_size, offset)[:left]
+            rows = batches.reshape(-1)
+            for start in range(0, len(rows), plan.window_rows):
+                yield rows[start:start + plan.window_rows]
+            left -= len(batches)
+            epoch, offset = epoch + 1, 0

@@ -29,7 +29,7 @@ from harmoclip.model import register_tiny_configs
 from harmoclip.storage import join, resolve
 
 from .prepare import DATASET_FILE, SCHEMA_VERSION
-from .sampling import DatasetIndex, EpochPlan, build_index
+from .sampling import DatasetIndex, Schedule, build_index
 
 MIN_BOX_SIDE = 0.02
 LEXEME_KEY_FIELD = {"root_lemma": "lemma", "phrase_lemma": "phrase_lemma"}
@@ -210,18 +210,17 @@ def read_window(item: pa.Table, data: str, files: tuple[str, ...], spec: BatchSp
         yield to_model_batch(rows.slice(start, batch_size), spec)
 
 
-def worker_epoch(data: str, index: DatasetIndex, plan: EpochPlan, rank: int, start_step: int, spec: BatchSpec,
-                 batch_size: int) -> ray.data.Dataset:
-    """Worker `rank`'s batches of one epoch from `start_step` on, as a lazy, order-preserving Ray
-    Dataset: one read task per shuffle window (a multiple of `batch_size` rows)."""
-    rows = plan.batches(rank, batch_size, start_step).reshape(-1)
-    window_rows = plan.window_rows
-    windows = [{"file": index.file_of_row[part].tolist(), "group": index.group_of_row[part].tolist(),
-                "row": index.row_in_group[part].tolist()}
-               for part in (rows[i:i + window_rows] for i in range(0, len(rows), window_rows))]
+def worker_batches(data: str, index: DatasetIndex, schedule: Schedule, rank: int, start_step: int, end_step: int,
+                   spec: BatchSpec) -> ray.data.Dataset:
+    """Worker `rank`'s batches for steps [start_step, end_step), across epochs, as one lazy,
+    order-preserving Ray Dataset: one read task per shuffle window, each yielding whole batches
+    of `schedule.batch_size` rows."""
+    windows = [{"file": index.file_of_row[rows].tolist(), "group": index.group_of_row[rows].tolist(),
+                "row": index.row_in_group[rows].tolist()}
+               for rows in schedule.windows(rank, start_step, end_step)]
     dataset = ray.data.from_items(windows, override_num_blocks=max(1, len(windows))).map_batches(
         read_window, batch_size=1, batch_format="pyarrow",
-        fn_kwargs={"data": data, "files": index.files, "spec": spec, "batch_size": batch_size})
+        fn_kwargs={"data": data, "files": index.files, "spec": spec, "batch_size": schedule.batch_size})
     dataset.context.execution_options.preserve_order = True
-    dataset.context.enable_progress_bars = False  # one per worker and epoch: the trainer reports progress
+    dataset.context.enable_progress_bars = False  # the trainer reports progress itself
     return dataset

@@ -14,7 +14,7 @@ from harmoclip.config import TrainConfig
 from harmoclip.model import register_tiny_configs
 from jobs.train import batch_spec
 from pipeline.sampling import Schedule, epoch_plan
-from pipeline.train_data import content_words, shard_files, training_index, worker_epoch
+from pipeline.train_data import content_words, shard_files, training_index, worker_batches
 
 MODEL = ModelConfig(name="harmo-micro")
 
@@ -72,20 +72,31 @@ def test_resuming_mid_epoch_continues_with_the_next_batch(index):
 
 
 def test_ray_data_batches_follow_the_plan_and_hold_no_image_twice(prepared, index, spec):
-    plan = epoch_plan(index, seed=1, epoch=0, world_size=2, batch_size=4, shuffle_window=4)
+    schedule = Schedule(index, seed=1, world_size=2, batch_size=4, shuffle_window=4)
+    plan = schedule.plan(0)
     image_ids = _image_ids(prepared)
     per_worker = []
     for rank in range(2):
-        batches = list(worker_epoch(prepared, index, plan, rank, 0, spec, 4).iter_batches(batch_size=4,
-                                                                                      batch_format="numpy"))
+        batches = list(worker_batches(prepared, index, schedule, rank, 0, plan.steps, spec).iter_batches(
+            batch_size=4, batch_format="numpy"))
         expected = [[stable_key(image_ids[r]) for r in rows] for rows in plan.batches(rank, 4)]
         assert [b["image_ids"].tolist() for b in batches] == expected and len(batches) == plan.steps
         per_worker.append([b["image_ids"] for b in batches])
     for parts in zip(*per_worker):  # the global batch of one step, as the loss gathers it
         ids = np.concatenate(parts).tolist()
         assert len(set(ids)) == len(ids)
-    resumed = list(worker_epoch(prepared, index, plan, 0, 1, spec, 4).iter_batches(batch_size=4, batch_format="numpy"))
-    assert len(resumed) == plan.steps - 1
+
+
+def test_one_stream_runs_across_epochs_from_any_step(prepared, index, spec):
+    schedule = Schedule(index, seed=1, world_size=2, batch_size=4, shuffle_window=4)
+    first, second = schedule.plan(0), schedule.plan(1)
+    start, end = first.steps - 1, first.steps + second.steps  # the last batch of epoch 0, then all of epoch 1
+    batches = list(worker_batches(prepared, index, schedule, 1, start, end, spec).iter_batches(
+        batch_size=4, batch_format="numpy"))
+    image_ids = _image_ids(prepared)
+    expected = [first.batches(1, 4)[-1], *second.batches(1, 4)]
+    assert [b["image_ids"].tolist() for b in batches] == [[stable_key(image_ids[r]) for r in rows] for rows in expected]
+    assert schedule.epoch_starts(end) == [0, first.steps]
 
 
 def test_word_units_split_a_chunk_into_content_words():
