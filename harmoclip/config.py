@@ -92,12 +92,15 @@ class MethodConfig:
         "(the second InfoNCE direction). False keeps only lexeme -> images.",
         default=True,
     )
-    gr_mode: Literal["contrastive", "consistency", "distribution"] = _help(
+    gr_mode: Literal["contrastive", "consistency", "distribution", "anchor"] = _help(
         "Assumption: how the attention-fused regions of an image meet the global view. "
         "contrastive: InfoNCE of fused regions against the batch's captions; consistency: "
         "1 - cosine to the stop-gradient global image embedding; distribution: KL from the "
         "stop-gradient global image embedding's softmax over the batch's captions to the fused "
-        "regions' softmax over the same captions (regions and global view agree on what is present).",
+        "regions' softmax over the same captions (regions and global view agree on what is present); "
+        "anchor: no regions, 1 - cosine of the global image and text embeddings to those of a frozen "
+        "copy of the starting model ('without compromising global consistency' read literally; one "
+        "more forward pass per step).",
         default="contrastive",
     )
     gr_detach_query: bool = _help(
@@ -138,7 +141,12 @@ class MethodConfig:
     @property
     def needs_regions(self) -> bool:
         """GC-only runs skip the dense map entirely, so the baseline is a plain CLIP step."""
-        return self.lambda_lrc > 0 or self.lambda_gr > 0
+        return self.lambda_lrc > 0 or (self.lambda_gr > 0 and self.gr_mode != "anchor")
+
+    @property
+    def needs_anchor(self) -> bool:
+        """GR's anchor mode compares with a frozen copy of the starting model."""
+        return self.lambda_gr > 0 and self.gr_mode == "anchor"
 
 
 def as_flat_dict(*configs: Any) -> dict[str, Any]:

@@ -156,6 +156,14 @@ def global_region_alignment(
     return (F.cross_entropy(fused_to_text, rows) + F.cross_entropy(text_to_fused, positions)) / 2, stats
 
 
+def global_anchor(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """GR's anchor mode: mean over the (gathered) batch of `1 - cos` between each global image and
+    text embedding and the frozen starting model's embedding of the same input."""
+    terms = [(1 - (gather_batch(outputs[f"{side}_features"]) * gather_batch(outputs[f"anchor_{side}_features"]))
+              .sum(-1)).mean() for side in ("image", "text")]
+    return terms[0] + terms[1]
+
+
 class HarmoCLIPLoss(nn.Module):
     """`L = lambda_gc * GC + lambda_lrc * LRC + lambda_gr * GR` over the batch gathered from all workers.
 
@@ -180,6 +188,8 @@ class HarmoCLIPLoss(nn.Module):
         logit_scale = outputs["logit_scale"]
         result: dict[str, torch.Tensor | float] = {
             "gc": clip_loss(outputs["image_features"], outputs["text_features"], logit_scale, all_ids)}
+        if self.method.needs_anchor:
+            result["gr"] = global_anchor(outputs)
         if not self.method.needs_regions:
             return result
 
@@ -193,7 +203,7 @@ class HarmoCLIPLoss(nn.Module):
                 gathered["lexeme_features"], gathered["lexeme_mask"], gathered["lexeme_keys"],
                 gathered["region_features"], gathered["region_mask"], all_ids, lrc_scale, self.method)
             result.update(lrc=lrc, **stats)
-        if self.method.lambda_gr > 0:
+        if self.method.lambda_gr > 0 and not self.method.needs_anchor:
             gr, stats = global_region_alignment(
                 gathered["image_features"], gathered["text_features"], gathered["region_features"],
                 gathered["region_mask"], all_ids, outputs.get("gr_logit_scale", logit_scale), self.method)

@@ -8,6 +8,7 @@ checkpoint this wrapper trains is a plain open_clip checkpoint.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -118,10 +119,13 @@ class HarmoCLIP(nn.Module):
                              ("gr_logit_scale", self.method.gr_learnable_temperature)):
             if wanted:
                 setattr(self, name, nn.Parameter(clip.logit_scale.detach().clone()))
+        # GR's anchor mode: a frozen copy of the starting weights (never trained, never saved).
+        self.anchor = copy.deepcopy(clip).eval().requires_grad_(False) if self.method.needs_anchor else None
 
     def loss_parameters(self) -> dict[str, torch.Tensor]:
-        """The parameters outside `clip` (learnable LRC/GR temperatures), for the training state."""
-        return {name: param for name, param in self.named_parameters() if not name.startswith("clip.")}
+        """The trained parameters outside `clip` (learnable LRC/GR temperatures), for the training state."""
+        return {name: param for name, param in self.named_parameters()
+                if not name.startswith(("clip.", "anchor."))}
 
     @property
     def context_length(self) -> int:
@@ -189,6 +193,10 @@ class HarmoCLIP(nn.Module):
                "logit_scale": self.clip.logit_scale.exp()}
         if "image_ids" in batch:
             out["image_ids"] = batch["image_ids"]
+        if self.anchor is not None:
+            with torch.no_grad():
+                out["anchor_image_features"] = self.anchor.encode_image(batch["images"], normalize=True)
+                out["anchor_text_features"] = self.anchor.encode_text(batch["tokens"], normalize=True)
         if not needs_regions:
             return out
         for name, param in self.loss_parameters().items():

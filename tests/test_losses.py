@@ -199,6 +199,20 @@ def test_learnable_temperatures_are_parameters_outside_the_saved_model(model: Ha
     assert not any(k.endswith(("lrc_logit_scale", "gr_logit_scale")) for k in wrapped.clip.state_dict())
 
 
+def test_gr_anchor_keeps_global_embeddings_near_the_starting_model_by_hand(model: HarmoCLIP, batch):
+    method = MethodConfig(lambda_lrc=0.0, gr_mode="anchor")
+    anchored = HarmoCLIP(model.clip, method)
+    assert not method.needs_regions and set(anchored.loss_parameters()) == set()
+    assert HarmoCLIPLoss(method)(anchored(batch))["gr"].item() == pytest.approx(0.0, abs=1e-6)  # starts equal
+    with torch.no_grad():
+        anchored.clip.visual.proj.mul_(-1.0)  # the trained model drifts: its image embeddings flip
+    out = anchored(batch)
+    image, anchor_image = out["image_features"], out["anchor_image_features"]
+    assert torch.allclose(image, -anchor_image, atol=1e-6)  # the anchor did not move with it
+    gr = HarmoCLIPLoss(method)(out)["gr"].item()
+    assert gr == pytest.approx(2.0, abs=1e-5)  # image: 1 - cos = 2 for every row; text: 0
+
+
 def test_same_key_lexemes_are_not_negatives():
     method, scale = MethodConfig(), torch.tensor(2.0)
     shared, _ = lexeme_region_contrastive(LEXEMES, LEXEME_MASK, torch.tensor([[7], [7]]), REGIONS,
