@@ -87,6 +87,11 @@ class MethodConfig:
         "parameter only: checkpoints stay plain open_clip weights).",
         default=False,
     )
+    lrc_detach_text: bool = _help(
+        "Stop LRC's gradient into the text tower: lexeme features become fixed targets that region "
+        "features learn to match, and only GC (and GR) move the text side.",
+        default=False,
+    )
     lrc_region_to_lexeme: bool = _help(
         "Assumption: also contrast each lexeme's matched region against the batch's lexemes "
         "(the second InfoNCE direction). False keeps only lexeme -> images.",

@@ -199,8 +199,9 @@ class HarmoCLIPLoss(nn.Module):
         if self.method.lambda_lrc > 0:
             lrc_scale = (outputs.get("lrc_logit_scale", logit_scale) if self.method.lrc_temperature is None
                          else logit_scale.new_tensor(1.0 / self.method.lrc_temperature))
+            lexemes = gathered["lexeme_features"].detach() if self.method.lrc_detach_text else gathered["lexeme_features"]
             lrc, stats = lexeme_region_contrastive(
-                gathered["lexeme_features"], gathered["lexeme_mask"], gathered["lexeme_keys"],
+                lexemes, gathered["lexeme_mask"], gathered["lexeme_keys"],
                 gathered["region_features"], gathered["region_mask"], all_ids, lrc_scale, self.method)
             result.update(lrc=lrc, **stats)
         if self.method.lambda_gr > 0 and not self.method.needs_anchor:

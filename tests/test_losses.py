@@ -188,6 +188,13 @@ def test_gr_detach_options_keep_gr_off_the_global_embeddings(mode):
     assert image.grad is not None and image.grad.abs().sum() > 0  # the query carries gradient unless detached
 
 
+def test_lrc_detach_text_moves_only_the_image_side(model: HarmoCLIP, batch):
+    model.method = MethodConfig(lambda_gr=0.0, lrc_detach_text=True)
+    HarmoCLIPLoss(model.method)(model(batch))["lrc"].backward()
+    image_grad, text_grad = _grad_norms(model)
+    assert image_grad > 0 and text_grad == 0
+
+
 def test_learnable_temperatures_are_parameters_outside_the_saved_model(model: HarmoCLIP, batch):
     method = MethodConfig(lrc_learnable_temperature=True, gr_learnable_temperature=True)
     wrapped = HarmoCLIP(model.clip, method)
