@@ -8,10 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from harmoclip.config import PrepareConfig
 from jobs import tune as tune_job
-from pipeline.prepare import prepare
-from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
 
 
@@ -27,18 +24,15 @@ def test_rungs_share_one_schedule():
 
 
 @pytest.fixture(scope="module")
-def data(ray_local, tmp_path_factory):
+def data(prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    write_shapes_dataset(str(root / "train"), images=24, seed=0, size=48, captions_per_image=2)
     write_shapes_dataset(str(root / "val"), images=8, seed=1, size=48, captions_per_image=2)
-    prepare(find_source(str(root / "train")), str(root / "prepared"),
-            PrepareConfig(regions="gt", tokenizer="harmo-micro"))
     return root
 
 
-def test_two_trial_sweep_tracks_everything_and_resumes(data, capsys):
+def test_two_trial_sweep_tracks_everything_and_resumes(prepared, data, capsys):
     sweep = data / "sweep"
-    argv = ["--data", str(data / "prepared"), "--val", str(data / "val"), "--out", str(sweep),
+    argv = ["--data", prepared, "--val", str(data / "val"), "--out", str(sweep),
             "--grid-lrc", "0", "1", "--grid-gr", "0.5", "--model", "harmo-micro", "--steps", "2",
             "--batch-size", "4", "--checkpoint-every", "1", "--log-every", "1", "--scheduler", "asha"]
     rows = tune_job.main(argv)
