@@ -108,6 +108,8 @@ class MethodConfig:
         "more forward pass per step).",
         default="contrastive",
     )
+    gr_anchor: Literal["both", "image", "text"] = _help(
+        "Which global embeddings GR's anchor mode keeps near the starting model's.", default="both")
     gr_detach_query: bool = _help(
         "Stop the gradient of the fusion's attention query (the global image embedding), so GR "
         "never moves the global image embedding through the attention weights.",

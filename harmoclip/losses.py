@@ -156,12 +156,13 @@ def global_region_alignment(
     return (F.cross_entropy(fused_to_text, rows) + F.cross_entropy(text_to_fused, positions)) / 2, stats
 
 
-def global_anchor(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """GR's anchor mode: mean over the (gathered) batch of `1 - cos` between each global image and
-    text embedding and the frozen starting model's embedding of the same input."""
-    terms = [(1 - (gather_batch(outputs[f"{side}_features"]) * gather_batch(outputs[f"anchor_{side}_features"]))
-              .sum(-1)).mean() for side in ("image", "text")]
-    return terms[0] + terms[1]
+def global_anchor(outputs: dict[str, torch.Tensor], sides: str) -> torch.Tensor:
+    """GR's anchor mode: mean over the (gathered) batch of `1 - cos` between each global image
+    and/or text embedding (`sides`: both, image, text) and the frozen starting model's embedding
+    of the same input, summed over the sides."""
+    chosen = ("image", "text") if sides == "both" else (sides,)
+    return sum((1 - (gather_batch(outputs[f"{side}_features"]) * gather_batch(outputs[f"anchor_{side}_features"]))
+                .sum(-1)).mean() for side in chosen)
 
 
 class HarmoCLIPLoss(nn.Module):
@@ -189,7 +190,7 @@ class HarmoCLIPLoss(nn.Module):
         result: dict[str, torch.Tensor | float] = {
             "gc": clip_loss(outputs["image_features"], outputs["text_features"], logit_scale, all_ids)}
         if self.method.needs_anchor:
-            result["gr"] = global_anchor(outputs)
+            result["gr"] = global_anchor(outputs, self.method.gr_anchor)
         if not self.method.needs_regions:
             return result
 

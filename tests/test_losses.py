@@ -218,6 +218,8 @@ def test_gr_anchor_keeps_global_embeddings_near_the_starting_model_by_hand(model
     assert torch.allclose(image, -anchor_image, atol=1e-6)  # the anchor did not move with it
     gr = HarmoCLIPLoss(method)(out)["gr"].item()
     assert gr == pytest.approx(2.0, abs=1e-5)  # image: 1 - cos = 2 for every row; text: 0
+    text_only = MethodConfig(lambda_lrc=0.0, gr_mode="anchor", gr_anchor="text")
+    assert HarmoCLIPLoss(text_only)(out)["gr"].item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_same_key_lexemes_are_not_negatives():
