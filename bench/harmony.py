@@ -30,7 +30,7 @@ from typing import Any
 from scipy import stats
 
 from harmoclip import MethodConfig
-from harmoclip.cli import add_config_arguments, config_from_args, parse_field_value
+from harmoclip.cli import config_from_args, parse_field_value
 from harmoclip.config import TrainConfig
 from jobs.common import init_ray
 from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, evaluate_cached,
@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also evaluate every run on a second validation set drawn differently (other "
                              "seed, image size and captions per image), reported beside val, never used to choose")
     add_regime_arguments(parser)
-    add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     regime = regime_from_args(args, config_from_args(args, TrainConfig))

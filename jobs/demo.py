@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_regime_arguments(parser)
     parser.add_argument("--region-only", action="store_true", help="also fine-tune the region-only ablation")
     add_config_arguments(parser, MethodConfig)
-    add_config_arguments(parser, TrainConfig)
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, "results.json")):

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 from harmoclip import MethodConfig, ModelConfig
+from harmoclip.cli import add_config_arguments
 from harmoclip.config import PrepareConfig, TrainConfig
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
@@ -140,7 +141,9 @@ def write_holdout(out: str, regime: Regime) -> str:
 
 
 def add_regime_arguments(parser: argparse.ArgumentParser) -> None:
-    """The data sizes and the base pretraining; the fine-tuning budget is TrainConfig's flags."""
+    """The data sizes and the base pretraining, and TrainConfig's flags for the fine-tuning budget
+    with the regime's values as defaults (set after the flags exist: argparse applies a parser
+    default only to flags already added)."""
     parser.add_argument("--model", default=Regime.model, help="open_clip model of the base and every arm")
     parser.add_argument("--base-images", type=int, default=Regime.base_images, help="base corpus size")
     parser.add_argument("--base-steps", type=int, default=Regime.base_train.steps, help="base pretraining steps")
@@ -148,6 +151,7 @@ def add_regime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-images", type=int, default=Regime.val_images)
     parser.add_argument("--regions", default=Regime.regions, choices=["felzenszwalb", "grid", "gt"],
                         help="training region proposals (felzenszwalb and grid need no annotation)")
+    add_config_arguments(parser, TrainConfig)
     parser.set_defaults(**{k: getattr(Regime.finetune, k) for k in ("steps", "batch_size", "lr", "warmup_steps",
                                                                    "checkpoint_every", "log_every")})
 

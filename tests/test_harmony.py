@@ -12,6 +12,7 @@ from bench import harmony
 from harmoclip import MethodConfig
 from jobs import demo as demo_job
 from jobs import evaluate as evaluate_job
+from jobs.regime import Regime
 
 SMALL = ["--base-images", "24", "--base-steps", "4", "--train-images", "24", "--val-images", "12", "--steps", "4",
          "--batch-size", "8", "--checkpoint-every", "4", "--log-every", "2", "--warmup-steps", "2", "--regions", "grid"]
@@ -33,6 +34,8 @@ def test_demo_fine_tunes_every_arm_from_one_base(demo):
         trained = json.loads((out / "runs" / config / "seed0" / "harmoclip.json").read_text())
         assert trained["model"]["init_from"] == str(out / "base")  # every arm fine-tunes the base
         assert trained["method"]["lambda_gc"] == (0.0 if name == "region_only" else 1.0)
+    stamp = json.loads((out / "runs" / "harmoclip" / "seed0" / "arm.json").read_text())
+    assert stamp["finetune"]["lr"] == Regime.finetune.lr  # flags not given keep the regime's values
     again = evaluate_job.evaluate(saved["harmoclip"]["checkpoint"], str(out / "data" / "val"))
     assert again["box"]["top1"] == saved["harmoclip"]["box"]["top1"]  # the demo's numbers are the checkpoint's
     assert (out / "demo.png").stat().st_size > 10_000
