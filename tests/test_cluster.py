@@ -66,11 +66,14 @@ def cluster(s3_server, tmp_path):
     port, dashboard = _free_port(), _free_port()
     common = ["--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     try:
+        # Each node's job agent gets its own free port: the default (52365) may be held by another
+        # Ray on this machine, and then the head accepts no jobs ("No available agent").
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-port", str(dashboard),
                         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
-                        *common], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], env=env, check=True,
-                       capture_output=True, timeout=120)
+                        "--dashboard-agent-listen-port", str(_free_port()), *common],
+                       env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--dashboard-agent-listen-port",
+                        str(_free_port()), *common], env=env, check=True, capture_output=True, timeout=120)
         yield {"address": f"http://127.0.0.1:{dashboard}", "token": token, "secret": os.environ["AWS_SECRET_ACCESS_KEY"]}
     finally:
         _kill_cluster(temp_dir)
@@ -78,8 +81,9 @@ def cluster(s3_server, tmp_path):
 
 
 def _submit(client: JobSubmissionClient, entrypoint: str) -> str:
-    """Submit, waiting (bounded) for the job agent, which comes up a few seconds after `ray start`."""
-    deadline = time.monotonic() + 90
+    """Submit, waiting (bounded) for the job agent, which comes up a few seconds after `ray start`
+    (longer when the machine is loaded)."""
+    deadline = time.monotonic() + 120
     while True:
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env={
