@@ -19,13 +19,30 @@ def rank_and_world_size() -> tuple[int, int]:
     return 0, 1
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    torch's all_gather backward on gloo is an all-to-all that sends each gradient's memory as if
+    it were contiguous; a permuted gradient (einsum's, for region features when nothing else
+    uses them) then reaches the workers scrambled. Found by the 2-worker parameter test.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return gradient.contiguous()
+
+
 def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from all workers along dim 0 (identity on a single process)."""
     _, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
     if tensor.is_floating_point():
-        return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+        return _ContiguousGradient.apply(torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0))
     as_int = tensor.to(torch.int64) if tensor.dtype == torch.bool else tensor.contiguous()
     parts = [torch.empty_like(as_int) for _ in range(world_size)]
     dist.all_gather(parts, as_int)
