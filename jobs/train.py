@@ -192,6 +192,10 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
         parent_run_id: str | None = None) -> dict[str, Any]:
     """Train on the current Ray cluster; returns the final metrics (also used by jobs.tune)."""
     clip = create_clip(model)  # fail here, not in a worker, on a bad model name or weights
+    if method.needs_anchor and not (model.pretrained or model.init_from):
+        print("note: --gr-mode anchor keeps the global embeddings near the starting weights, and these are "
+              "random (no --pretrained or --init-from); to train from scratch pass --gr-mode contrastive or "
+              "--lambda-gr 0", file=sys.stderr, flush=True)
     spec = batch_spec(clip, model, method, train)
     index, _ = training_index(data, spec)
     schedule = Schedule(index, train.seed, train.workers, train.batch_size, train.shuffle_window)

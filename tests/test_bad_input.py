@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harmoclip import HarmoCLIP, HarmoCLIPLoss
+from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig
 
 
 @pytest.mark.parametrize("box, reason", [
@@ -47,7 +47,12 @@ def test_caption_without_lexemes_just_drops_out(model: HarmoCLIP, batch):
     assert losses["lrc"] > 0
 
 
+# GR over regions (the default anchor mode uses none), so that it can run out of regions.
+REGION_GR = MethodConfig(gr_mode="contrastive", lambda_gr=1.0)
+
+
 def test_batch_without_lexemes_gives_zero_lrc_and_says_so(model: HarmoCLIP, batch):
+    model.method = REGION_GR
     batch["lexeme_mask"][:] = False
     losses = _finite_backward(model, batch)
     assert losses["lrc"].item() == 0.0 and losses["lrc_empty"] == 1.0
@@ -55,6 +60,7 @@ def test_batch_without_lexemes_gives_zero_lrc_and_says_so(model: HarmoCLIP, batc
 
 
 def test_batch_without_regions_gives_zero_lrc_and_gr(model: HarmoCLIP, batch):
+    model.method = REGION_GR
     batch["box_mask"][:] = False
     losses = _finite_backward(model, batch)
     assert losses["lrc"].item() == 0.0 and losses["gr"].item() == 0.0
@@ -63,6 +69,5 @@ def test_batch_without_regions_gives_zero_lrc_and_gr(model: HarmoCLIP, batch):
 
 
 def test_negative_lambda_is_rejected():
-    from harmoclip import MethodConfig
     with pytest.raises(ValueError, match="lambda_lrc must be >= 0"):
         MethodConfig(lambda_lrc=-1)

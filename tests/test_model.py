@@ -133,7 +133,8 @@ def test_missing_weights_file_is_a_clear_error(tmp_path):
         create_clip(ModelConfig(name=TEST_MODEL, pretrained=str(tmp_path / "nope.pt")))
 
 
-METHOD_WITH_TEMPERATURES = MethodConfig(lrc_learnable_temperature=True, gr_learnable_temperature=True)
+METHOD_WITH_TEMPERATURES = MethodConfig(lrc_learnable_temperature=True, gr_learnable_temperature=True,
+                                        gr_mode="contrastive")
 
 
 def test_checkpoint_restores_weights_optimizer_scheduler_and_temperatures_exactly(tmp_path):
