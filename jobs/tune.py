@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random search: trials; grid search: repeats of the whole grid")
     parser.add_argument("--search", choices=["grid", "random"], default="grid")
     parser.add_argument("--grid-lrc", type=float, nargs="+", default=[0.0, 1.0], help="lambda_lrc values (grid)")
-    parser.add_argument("--grid-gr", type=float, nargs="+", default=[0.0, 1.0], help="lambda_gr values (grid)")
+    parser.add_argument("--grid-gr", type=float, nargs="+", default=[0.0, 10.0],
+                        help="lambda_gr values (grid; 10 is the default anchor GR's weight)")
     parser.add_argument("--max-lambda", type=float, default=2.0, help="random search: lambdas in [0, this]")
     parser.add_argument("--tune-lr", action="store_true", help="also sample the learning rate (log-uniform, x/10..x10)")
     parser.add_argument("--scheduler", choices=["asha", "none"], default="asha")
