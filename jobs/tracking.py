@@ -14,7 +14,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from .storage import is_remote
+from harmoclip.storage import is_remote
 
 RUN_TAG = "harmoclip.run"
 MAX_PARAM_LENGTH = 500
