@@ -21,24 +21,31 @@ class Rejected(Exception):
     detail: str
 
 
-def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+def _open_checked(uri: str, data: bytes, max_pixels: int) -> Image.Image:
+    """The decoded image, or `Rejected` whose detail names the file in stable words: PIL's own
+    messages can hold an object address ("<_io.BytesIO object at 0x...>"), which would make two
+    runs on the same input write different reject files."""
     if not data:
-        raise Rejected("empty_image_file", "the file has 0 bytes")
+        raise Rejected("empty_image_file", f"{uri} has 0 bytes")
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:
-        raise Rejected("too_many_pixels", str(err)) from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise Rejected("corrupt_image", f"not a readable image: {err}") from err
+        raise Rejected("too_many_pixels", f"{uri}: {err}") from err
+    except UnidentifiedImageError as err:
+        raise Rejected("corrupt_image", f"{uri} ({len(data)} bytes) is not in an image format PIL can read") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise Rejected("corrupt_image", f"{uri} ({len(data)} bytes) has a damaged header: "
+                                        f"{type(err).__name__}") from err
     width, height = image.size
     if width == 0 or height == 0:
-        raise Rejected("zero_size_image", f"image is {width}x{height}")
+        raise Rejected("zero_size_image", f"{uri} is {width}x{height}")
     if width * height > max_pixels:
-        raise Rejected("too_many_pixels", f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
+        raise Rejected("too_many_pixels", f"{uri} is {width}x{height} = {width * height} pixels > limit {max_pixels}")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as err:
-        raise Rejected("corrupt_image", f"decoding failed (truncated or damaged): {err}") from err
+        raise Rejected("corrupt_image", f"{uri} ({len(data)} bytes) is truncated or damaged: decoding stopped "
+                                        f"({type(err).__name__})") from err
     return image
 
 
@@ -75,7 +82,7 @@ def load_image(uri: str, max_pixels: int, max_side: int, image_format: str) -> t
         raise Rejected("missing_image", f"{uri} does not exist") from err
     except OSError as err:
         raise Rejected("unreadable_image", f"{uri}: {err}") from err
-    image = _open_checked(data, max_pixels)
+    image = _open_checked(uri, data, max_pixels)
     return reencode(image, max_side, image_format), image.width, image.height
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -37,12 +38,28 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def bad_run(ray_local, tmp_path_factory):
+def bad_folders(ray_local, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A COCO folder with every kind of bad input, and what prepare made of it."""
     root = bad_coco(tmp_path_factory.mktemp("bad"))
     out = tmp_path_factory.mktemp("bad_out") / "prepared"
-    manifest = run(str(root), str(out))
+    return root, out, run(str(root), str(out))
+
+
+@pytest.fixture(scope="module")
+def bad_run(bad_folders):
+    _, out, manifest = bad_folders
     rejects = pq.read_table(out / "rejects").to_pylist()
     return manifest, read_rows(str(out)), rejects
+
+
+def test_bad_input_gives_byte_identical_rejects_on_rerun(bad_folders, bad_run, tmp_path):
+    root, out, _ = bad_folders
+    run(str(root), str(tmp_path / "again"))
+    assert digests(tmp_path / "again") == digests(out)
+    assert any(p.startswith("rejects/") for p in digests(out))
+    for reject in bad_run[2]:
+        if reject["stage"] == "image":  # the file named in stable words, no object addresses
+            assert reject["image_uri"] in reject["detail"] and not re.search(r"0x[0-9a-f]{6}", reject["detail"]), reject
 
 
 def test_every_row_is_written_or_rejected(bad_run):
