@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import boto3
+import botocore.exceptions
 import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
@@ -76,22 +77,48 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def _object_identity(uri: str) -> str:
+    """What changes when an object is overwritten: its ETag and size. (S3's modification time has
+    one-second resolution: too coarse for weights rewritten by a continued run.)"""
+    bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    try:
+        head = boto3.client("s3", endpoint_url=endpoint, region_name=region).head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise FileNotFoundError(f"no such object: {uri}") from err
+        raise OSError(f"cannot read {uri}: {err}") from err
+    return f"{head['ETag'].strip(chr(34))}-{head['ContentLength']}"
+
+
 def fetch_to_local(uri: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """A local file path for `uri`: itself if local, else a cached download keyed by the URI."""
+    """A local file path for `uri`: itself if local, else a cached download.
+
+    The cache is keyed by the URI *and* the object's identity, so an overwritten object is fetched
+    again, never served stale; the download goes to a private temporary name and is renamed into
+    place, so a reader never sees half a file. Older versions of the same URI are removed.
+    """
     if not is_remote(uri):
         if not Path(uri).is_file():
             raise FileNotFoundError(f"no such file: {uri}")
         return uri
     cache = Path(cache_dir or Path.home() / ".cache" / "harmoclip")
     cache.mkdir(parents=True, exist_ok=True)
-    local = cache / (hashlib.sha256(uri.encode()).hexdigest()[:16] + "-" + Path(uri).name)
+    uri_key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    version = hashlib.sha256(_object_identity(uri).encode()).hexdigest()[:12]
+    local = cache / f"{uri_key}-{version}-{Path(uri).name}"
     if not local.exists():
         fs, path = resolve(uri)
-        partial = local.with_suffix(local.suffix + ".partial")
+        partial = cache / f".{local.name}.{os.getpid()}.partial"
         try:
             pafs.copy_files(path, str(partial), source_filesystem=fs,
                             destination_filesystem=pafs.LocalFileSystem())
         except OSError as err:
+            partial.unlink(missing_ok=True)
             raise OSError(f"cannot download {uri}: {err}") from err
-        partial.rename(local)
+        os.replace(partial, local)
+        for stale in cache.glob(f"{uri_key}-*"):
+            if stale != local:
+                stale.unlink(missing_ok=True)
     return str(local)
