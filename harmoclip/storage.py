@@ -32,14 +32,19 @@ _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_F
                    "AWS_EC2_METADATA_DISABLED")
 
 
+def _s3_endpoint_and_region() -> tuple[str | None, str]:
+    """The S3 endpoint (None: AWS itself) and region from the environment, as the AWS SDKs read them."""
+    endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint_url, os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 def s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
     """An S3 client that fails in seconds rather than retrying for minutes on a bad endpoint.
 
     Cached per endpoint and credential environment: stages call this for every file they read.
     """
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return _s3_filesystem(endpoint_url, region, tuple(os.environ.get(k) for k in _CREDENTIAL_ENV))
+    default_endpoint, region = _s3_endpoint_and_region()
+    return _s3_filesystem(endpoint_url or default_endpoint, region, tuple(os.environ.get(k) for k in _CREDENTIAL_ENV))
 
 
 @functools.lru_cache(maxsize=8)
@@ -81,8 +86,7 @@ def _object_identity(uri: str) -> str:
     """What changes when an object is overwritten: its ETag and size. (S3's modification time has
     one-second resolution: too coarse for weights rewritten by a continued run.)"""
     bucket, _, key = uri[len(S3_SCHEME):].partition("/")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint, region = _s3_endpoint_and_region()
     try:
         head = boto3.client("s3", endpoint_url=endpoint, region_name=region).head_object(Bucket=bucket, Key=key)
     except botocore.exceptions.ClientError as err:

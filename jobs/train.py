@@ -35,8 +35,8 @@ from harmoclip.cli import add_config_arguments, add_model_arguments, config_from
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
 from harmoclip.storage import join, resolve
-from jobs.tracking import RunTracker, default_tracking_uri
 from jobs.common import init_ray, run_storage
+from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.sampling import DatasetIndex, Schedule
 from pipeline.train_data import BatchSpec, DatasetError, training_index, worker_batches
 

@@ -26,10 +26,10 @@ from harmoclip import MethodConfig
 from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.storage import join
-from jobs.tracking import RunTracker, default_tracking_uri
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
 from jobs.common import init_ray
+from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.train_data import DatasetError
 
 OBJECTIVES = {"harmony": "harmony", "retrieval": "retrieval_r1", "box": "box_top1"}
