@@ -32,7 +32,7 @@ from scipy import stats
 from harmoclip import MethodConfig
 from harmoclip.cli import config_from_args, parse_field_value
 from harmoclip.config import TrainConfig
-from jobs.common import init_ray
+from jobs.common import add_verbose_argument, init_ray, set_verbose
 from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, evaluate_cached,
                          finetune_and_evaluate, mean_r1, prepare_data, regime_from_args, run_dir, train_base,
                          write_holdout)
@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="also evaluate every run on a second validation set drawn differently (other "
                              "seed, image size and captions per image), reported beside val, never used to choose")
     add_regime_arguments(parser)
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     out = os.path.abspath(args.out)
     regime = regime_from_args(args, config_from_args(args, TrainConfig))
     configs = {**ARMS, **dict(parse_config(text) for text in args.configs)}

@@ -82,6 +82,15 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a small file (a summary, a results table) to a local path or an s3:// URI."""
+    filesystem, path = resolve(uri)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
 def _object_identity(uri: str) -> str:
     """What changes when an object is overwritten: its ETag and size. (S3's modification time has
     one-second resolution: too coarse for weights rewritten by a continued run.)"""

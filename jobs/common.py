@@ -1,12 +1,49 @@
-"""What every job shares: connecting to Ray, and splitting a run URI for Ray Train's storage."""
+"""What every job shares: connecting to Ray, how much of Ray's own logging a person sees, and
+splitting a run URI for Ray Train's storage."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 
 import ray
 
-from harmoclip.storage import resolve
+from harmoclip.storage import is_remote, resolve
+
+VERBOSE_ENV = "HARMOCLIP_VERBOSE"
+# Libraries whose INFO lines describe Ray's machinery rather than the job's progress.
+LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"also print Ray's own INFO logs (default: WARNING and above; or set {VERBOSE_ENV}=1)")
+
+
+def set_verbose(enabled: bool) -> None:
+    """`--verbose` sets the environment variable, so a local Ray's workers started later inherit it."""
+    if enabled:
+        os.environ[VERBOSE_ENV] = "1"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def log_level() -> int:
+    """The level Ray's libraries log at on the console: INFO when verbose, else WARNING."""
+    return logging.INFO if verbose() else logging.WARNING
+
+
+def quiet_libraries(level: int | None = None) -> None:
+    """Hold Ray's libraries (and, in a worker, open_clip's root-logger INFO lines) at `level`.
+
+    Called in the driver and at the start of every worker loop we own. Warnings and errors pass.
+    """
+    level = log_level() if level is None else level
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def init_ray() -> None:
@@ -14,13 +51,38 @@ def init_ray() -> None:
 
     A local Ray gets two more logical CPUs than cores: Ray Train workers each hold a CPU for the
     whole run, and the Ray Data tasks that feed them must still be schedulable on a small machine.
+    It runs the dashboard: Ray Train watches its controller through the State API it serves.
     """
+    quiet_libraries()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(logging_level=log_level())
     else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=True, logging_level=log_level())
+    quiet_libraries()  # ray.init configures the "ray" logger again
+
+
+def add_shared_fs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shared-fs", action="store_true",
+                        help="--out is on a filesystem every node mounts (NFS, EFS, Lustre): allow a local path "
+                             "on a cluster of more than one node (default: such a cluster needs s3://)")
+
+
+def check_cluster_storage(out: str, shared_fs: bool) -> None:
+    """Refuse a node-local --out on a multi-node cluster: checkpoints and trial results would land
+    on whichever node wrote them, and a restore or a summary on another node would not find them.
+
+    Call after init_ray. An autoscaling cluster may have one node now and more later: use s3://
+    there whatever this check says.
+    """
+    if is_remote(out) or shared_fs:
+        return
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if nodes > 1:
+        raise ValueError(f"--out {out} is a local path, but this Ray cluster has {nodes} nodes and each would "
+                         f"write to its own disk; pass an object store URI (--out s3://BUCKET/PREFIX), or add "
+                         f"--shared-fs if {out} is on a filesystem every node mounts")
 
 
 def run_storage(out: str) -> tuple[str, str, object]:

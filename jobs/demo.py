@@ -23,7 +23,7 @@ from harmoclip import MethodConfig
 from harmoclip.cli import add_config_arguments, config_from_args
 from harmoclip.config import TrainConfig
 from jobs import evaluate as evaluate_job
-from jobs.common import init_ray
+from jobs.common import add_verbose_argument, init_ray, set_verbose
 from jobs.regime import (GC_ONLY, RegimeMismatch, add_regime_arguments, evaluate_base, finetune_and_evaluate, mean_r1,
                          prepare_data, regime_from_args, run_dir, train_base)
 
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_regime_arguments(parser)
     parser.add_argument("--region-only", action="store_true", help="also fine-tune the region-only ablation")
     add_config_arguments(parser, MethodConfig)
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, "results.json")):
         raise SystemExit(f"error: {out} already holds a finished demo; pick another --out")

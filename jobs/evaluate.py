@@ -26,8 +26,8 @@ import torch
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.checkpoint import WEIGHT_SUFFIXES, read_checkpoint_config
 from harmoclip.metrics import DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall
-from harmoclip.storage import resolve
-from jobs.common import init_ray
+from harmoclip.storage import write_bytes
+from jobs.common import add_verbose_argument, init_ray, set_verbose
 from pipeline.eval_data import embed, load_eval_set
 from pipeline.sources import SourceError
 from pipeline.train_data import DatasetError
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="write results.json here (local or s3://)")
     parser.add_argument("--model", default=None, help="open_clip model name (needed for a bare weights file)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    set_verbose(args.verbose)
     try:
         init_ray()
         results = evaluate(args.checkpoint, args.data, args.model, args.batch_size)
@@ -114,9 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from err
     print(format_table(results))
     if args.out:
-        filesystem, path = resolve(args.out)
-        with filesystem.open_output_stream(path) as stream:
-            stream.write(json.dumps(results, indent=2).encode())
+        write_bytes(args.out, json.dumps(results, indent=2).encode())
         print(f"wrote {args.out}")
     return results
 

@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 
-import ray
-
 from harmoclip.cli import add_config_arguments, config_from_args
 from harmoclip.config import PrepareConfig
+from jobs.common import add_verbose_argument, init_ray, set_verbose
 from pipeline.prepare import DestinationError, prepare
 from pipeline.sources import SourceError, find_source
 
@@ -35,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a dataset already at DST (it is deleted first; never a mix of old and new)")
     add_config_arguments(parser, PrepareConfig)
+    add_verbose_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     if not args.input and not args.captions:
         raise SystemExit("error: give --input SRC, or --images and --captions for the real COCO layout")
     try:
@@ -47,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         source = find_source(args.input or "", images=args.images, captions=args.captions,
                              instances=args.instances, image_column=args.image_column,
                              caption_column=args.caption_column)
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
+        init_ray()
         manifest = prepare(source, args.out, config, overwrite=args.overwrite)
     except (SourceError, DestinationError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -26,8 +26,12 @@ def default_tracking_uri(out: str) -> str:
     return f"sqlite:///{base}/mlflow.db"
 
 
-def artifact_root(tracking_uri: str) -> Optional[str]:
-    """Artifacts of a sqlite store live beside it (MLflow's default is ./mlruns in the cwd)."""
+def artifact_root(tracking_uri: str, storage: Optional[str] = None) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: under `storage` when that is an object store (a
+    sweep on s3:// keeps its MLflow artifacts beside its results), else beside a sqlite store
+    (MLflow's default is ./mlruns in the cwd), else wherever the tracking server says."""
+    if storage and is_remote(storage):
+        return storage.rstrip("/") + "/mlartifacts"
     if tracking_uri.startswith("sqlite:///"):
         return "file://" + os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlartifacts")
     return None
@@ -35,12 +39,14 @@ def artifact_root(tracking_uri: str) -> Optional[str]:
 
 class RunTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_key: str, run_name: str,
-                 params: dict[str, Any], parent_run_id: Optional[str] = None) -> None:
+                 params: dict[str, Any], parent_run_id: Optional[str] = None,
+                 artifact_storage: Optional[str] = None) -> None:
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         experiment_obj = self.client.get_experiment_by_name(experiment)
         experiment_id = (experiment_obj.experiment_id if experiment_obj
-                         else self.client.create_experiment(experiment, artifact_location=artifact_root(tracking_uri)))
+                         else self.client.create_experiment(experiment,
+                                                           artifact_location=artifact_root(tracking_uri, artifact_storage)))
         found = self.client.search_runs([experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_key}'",
                                         max_results=1)
         if found:

@@ -16,6 +16,7 @@ import argparse
 import bisect
 import dataclasses
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -26,7 +27,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
@@ -35,12 +36,33 @@ from harmoclip.cli import add_config_arguments, add_model_arguments, config_from
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
 from harmoclip.storage import join, resolve
-from jobs.common import init_ray, run_storage
+from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray, log_level,
+                         quiet_libraries, run_storage, set_verbose)
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.sampling import DatasetIndex, Schedule
 from pipeline.train_data import BatchSpec, DatasetError, training_index, worker_batches
 
 LOSS_TERMS = ("loss", "gc", "lrc", "gr")
+PROGRESS_LINES = 10  # rank 0 prints about this many progress lines per run, however long
+
+
+def worker_progress(level: int) -> logging.Logger:
+    """The logger a worker's progress lines go to, with Ray's and open_clip's INFO lines held at `level`.
+
+    Ray Train sends a worker's print() through the root logger at INFO, and open_clip logs model
+    construction there too; a dedicated logger keeps our lines when the root is held at WARNING.
+    """
+    quiet_libraries(level)
+    logging.getLogger().setLevel(level)
+    progress = logging.getLogger("harmoclip.progress")
+    progress.setLevel(logging.INFO)
+    return progress
+
+
+def progress_line(metrics: dict[str, float], total_steps: int) -> str:
+    terms = " ".join(f"{k} {metrics[k]:.3f}" for k in LOSS_TERMS[1:] if k in metrics)
+    return (f"step {metrics['step']}/{total_steps} (epoch {metrics['epoch']}): loss {metrics['loss']:.3f} "
+            f"({terms}), {metrics['wall_samples_per_s']:.0f} samples/s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +80,8 @@ class RunSpec:
     schedule_steps: int
     tracking_uri: str
     parent_run_id: str | None = None
+    log_level: int = logging.WARNING  # Ray's and open_clip's console logs in the workers
+
 
     def params(self) -> dict[str, Any]:
         return {"data": self.data, "out": self.out, "total_steps": self.total_steps,
@@ -81,7 +105,8 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     train = spec.train
-    print(f"worker rank {rank}/{world_size} on node {ray.get_runtime_context().get_node_id()}", flush=True)
+    progress = worker_progress(spec.log_level)
+    progress.info(f"worker rank {rank}/{world_size} on node {ray.get_runtime_context().get_node_id()}")
 
     # 1. The node's cores shared by its workers (Ray would pin each to one thread), the same
     #    initial weights on every worker, then the latest checkpoint if there is one.
@@ -107,6 +132,8 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     epoch_starts = schedule.epoch_starts(spec.total_steps)
     global_batch = train.batch_size * world_size
     first_step, first_step_done = step + 1, None  # throughput is measured from the end of the first step
+    progress_every = max(1, (spec.total_steps - step) // PROGRESS_LINES)
+    next_progress = step + progress_every
     for batch in rows.iter_torch_batches(batch_size=train.batch_size, device=device, prefetch_batches=4):
         # 3. One optimizer step.
         step += 1
@@ -144,6 +171,9 @@ def train_worker(config: dict[str, RunSpec]) -> None:
             metrics.update(grad_norm=float(grad_norm), grad_norm_clipped=min(float(grad_norm), train.grad_clip))
         if tracker:
             tracker.log({k: v for k, v in metrics.items() if k != "step"}, step)
+        if rank == 0 and (step >= next_progress or final):
+            next_progress = step + progress_every
+            progress.info(progress_line(metrics, spec.total_steps))
         if step % train.checkpoint_every == 0 or final:
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
@@ -176,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_config_arguments(parser, MethodConfig)
     add_config_arguments(parser, TrainConfig)
+    add_shared_fs_argument(parser)
+    add_verbose_argument(parser)
     return parser
 
 
@@ -205,7 +237,7 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
     total_steps = schedule.steps_in_epochs(train.epochs) if train.epochs else train.steps
     run_spec = RunSpec(data, out, model, method, train, spec, ray.put(index), total_steps,
                        max(total_steps, train.schedule_steps or 0), train.mlflow_uri or default_tracking_uri(out),
-                       parent_run_id)
+                       parent_run_id, log_level())
     storage_path, name, filesystem = run_storage(out)
     trainer = TorchTrainer(
         train_worker,
@@ -214,6 +246,7 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
                                      placement_strategy=train.placement),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=train.max_failures),
+                             logging_config=LoggingConfig(log_level=logging.getLevelName(log_level())),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()
@@ -223,16 +256,24 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     try:
         model = model_from_args(args)
         method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
         init_ray()
+        check_cluster_storage(args.out, args.shared_fs)
         metrics = run(args.data, args.out, model, method, train)
     except (DatasetError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
-    print("final: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print(summary_line(metrics))
     return metrics
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    terms = ", ".join(f"{k} {metrics[k]:.4f}" for k in LOSS_TERMS if k in metrics)
+    return (f"done: {metrics['step']} steps, final {terms}; weights {metrics['checkpoint']}; "
+            f"MLflow {metrics['tracking_uri']}")
 
 
 if __name__ == "__main__":

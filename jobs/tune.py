@@ -15,6 +15,7 @@ import argparse
 import csv
 import os
 import sys
+import tempfile
 from dataclasses import replace
 from typing import Any
 
@@ -25,10 +26,11 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from harmoclip import MethodConfig
 from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
 from harmoclip.config import TrainConfig, as_flat_dict
-from harmoclip.storage import join
+from harmoclip.storage import is_remote, join, write_bytes
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
-from jobs.common import init_ray
+from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray, run_storage,
+                         set_verbose)
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.train_data import DatasetError
 
@@ -84,7 +86,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return [not any(o[0] >= p[0] and o[1] >= p[1] and o != p for o in points) for p in points]
 
 
-def write_summary(rows: list[dict[str, Any]], sweep_dir: str) -> tuple[str, str, str]:
+def write_summary(rows: list[dict[str, Any]], folder: str) -> tuple[str, str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +96,7 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: str) -> tuple[str, str,
     for row, on_front in zip(rows, front):
         row["pareto"] = on_front
     columns = ["trial", "lambda_lrc", "lambda_gr", "lr", "step", "retrieval_r1", "box_top1", "harmony", "pareto"]
-    csv_path, md_path, plot_path = (os.path.join(sweep_dir, n) for n in ("summary.csv", "summary.md", "pareto.png"))
+    csv_path, md_path, plot_path = (os.path.join(folder, n) for n in ("summary.csv", "summary.md", "pareto.png"))
     with open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -130,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="prepared training dataset (local or s3://)")
     parser.add_argument("--val", required=True, help="validation data: COCO folder or prepared dataset")
-    parser.add_argument("--out", required=True, help="SWEEP folder (local path; trial runs may go to s3 via it)")
+    parser.add_argument("--out", required=True,
+                        help="SWEEP folder, local or s3:// (trial runs, summary, plot; s3:// on a multi-node cluster)")
     parser.add_argument("--samples", type=int, default=1,
                         help="random search: trials; grid search: repeats of the whole grid")
     parser.add_argument("--search", choices=["grid", "random"], default="grid")
@@ -144,32 +147,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     add_config_arguments(parser, MethodConfig)
     add_config_arguments(parser, TrainConfig)
+    add_shared_fs_argument(parser)
+    add_verbose_argument(parser)
     parser.set_defaults(steps=200, checkpoint_every=50)
     return parser
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
-    sweep_dir = os.path.abspath(args.out)
-    os.makedirs(sweep_dir, exist_ok=True)
+    set_verbose(args.verbose)
+    sweep = args.out.rstrip("/") if is_remote(args.out) else os.path.abspath(args.out)
     try:
         model = model_from_args(args)
         method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
-        tracking_uri = train.mlflow_uri or default_tracking_uri(os.path.join(sweep_dir, "trials"))
+        tracking_uri = train.mlflow_uri or default_tracking_uri(join(sweep, "trials"))
         train = replace(train, mlflow_uri=tracking_uri)
         init_ray()
-        parent = RunTracker(tracking_uri, train.experiment, f"sweep:{sweep_dir}", os.path.basename(sweep_dir),
+        check_cluster_storage(args.out, args.shared_fs)
+        storage_path, name, filesystem = run_storage(sweep)
+        parent = RunTracker(tracking_uri, train.experiment, f"sweep:{sweep}", name,
                             {"sweep.search": args.search, "sweep.scheduler": args.scheduler,
                              "sweep.objective": args.objective, "sweep.samples": args.samples,
-                             **as_flat_dict(model, method, train)})
-        setup = {"data": args.data, "val": args.val, "sweep": sweep_dir, "model": model, "method": method,
+                             **as_flat_dict(model, method, train)}, artifact_storage=sweep)
+        setup = {"data": args.data, "val": args.val, "sweep": sweep, "model": model, "method": method,
                  "train": train, "scheduler": args.scheduler, "tracking_uri": tracking_uri,
                  "parent_run_id": parent.run_id}
         metric = OBJECTIVES[args.objective]
         trainable = tune.with_parameters(trial, setup=setup)
-        if tune.Tuner.can_restore(sweep_dir):
-            print(f"resuming the sweep in {sweep_dir}")
-            tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, resume_errored=True)
+        experiment = f"{storage_path.rstrip('/')}/{name}"
+        if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+            print(f"resuming the sweep in {sweep}: finished trials are kept, unfinished ones continue from "
+                  f"their checkpoints", flush=True)
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
+                                       storage_filesystem=filesystem)
         else:
             scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=len(rung_steps(train.steps, "asha")),
                                        grace_period=1, reduction_factor=2)
@@ -179,11 +189,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 param_space=param_space(args),
                 tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=args.samples, scheduler=scheduler,
                                             max_concurrent_trials=concurrent_trials(train.workers, train.gpu)),
-                run_config=tune.RunConfig(name=os.path.basename(sweep_dir),
-                                          storage_path=os.path.dirname(sweep_dir)),
+                run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
+                                          verbose=1 if args.verbose else 0),
             )
         grid = tuner.fit()
-    except (DatasetError, ValueError, FileNotFoundError) as err:
+    except (DatasetError, ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 
@@ -198,14 +208,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                      **{k: result.metrics[k] for k in ("step", "retrieval_r1", "box_top1", "harmony")}})
     if not rows:
         raise SystemExit("error: no trial finished; see the errors above")
-    for path in write_summary(rows, sweep_dir):
-        parent.log_artifact(path)
+    with tempfile.TemporaryDirectory() as local:
+        paths = write_summary(rows, local)
+        for path in paths:
+            parent.log_artifact(path)
+            with open(path, "rb") as handle:
+                write_bytes(join(sweep, os.path.basename(path)), handle.read())
+        with open(paths[1]) as handle:
+            print(handle.read())
     best = max(rows, key=lambda r: r[metric])
     parent.log({f"best_{k}": best[k] for k in ("retrieval_r1", "box_top1", "harmony")}, step=0)
     parent.finish()
-    print(open(os.path.join(sweep_dir, "summary.md")).read())
     print(f"best by {args.objective}: lambda_lrc={best['lambda_lrc']:.3g}, lambda_gr={best['lambda_gr']:.3g}; "
-          f"summary and pareto.png in {sweep_dir}; MLflow: {tracking_uri}")
+          f"summary and pareto.png in {sweep}; MLflow: {tracking_uri}")
     return rows
 
 

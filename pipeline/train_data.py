@@ -222,5 +222,7 @@ def worker_batches(data: str, index: DatasetIndex, schedule: Schedule, rank: int
         read_window, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"data": data, "files": index.files, "spec": spec, "batch_size": schedule.batch_size})
     dataset.context.execution_options.preserve_order = True
-    dataset.context.enable_progress_bars = False  # the trainer reports progress itself
+    # A worker's stdout is no terminal: progress goes to Ray Data's INFO log, which jobs hold back
+    # unless --verbose (the trainer prints its own progress), instead of tqdm bars.
+    dataset.context.use_ray_tqdm = False
     return dataset

@@ -1,13 +1,19 @@
-"""cluster.yaml validates against the schema shipped in the Ray wheel, and is safe to share."""
+"""cluster.yaml validates against the schema shipped in the Ray wheel, and is safe to share; what
+`ray job submit --working-dir .` uploads is the source alone."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
 import jsonschema
+import pytest
 import ray
 import yaml
+from ray._private.runtime_env.packaging import create_package
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,3 +47,22 @@ def test_cluster_yaml_holds_no_credentials_and_uses_token_auth():
         if "ray start" in command:
             assert "RAY_AUTH_MODE=token" in command
     assert "scripts/setup.sh" in " ".join(config["setup_commands"])  # installed exactly as the README does
+
+
+@pytest.mark.parametrize("include_gitignore", [True, False], ids=["gitignore", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"])
+def test_working_dir_package_holds_only_the_source(tmp_path, include_gitignore):
+    """The package `ray job submit --working-dir .` builds from a checkout with a virtualenv, demo
+    outputs and git history stays small (Ray refuses one above about 100 MB)."""
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".venv", "outputs", "__pycache__"))
+    for heavy in (".venv/lib/python3.11/site-packages/torch/lib/libtorch.so", "outputs/demo/base/checkpoint.pt",
+                  ".git/objects/pack/pack-history.pack", "mlflow.db"):
+        (checkout / heavy).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / heavy).write_bytes(os.urandom(20 * 2**20))  # incompressible, as weights are
+    package = tmp_path / "package.zip"
+    create_package(str(checkout), package, include_gitignore=include_gitignore)
+
+    names = zipfile.ZipFile(package).namelist()
+    assert package.stat().st_size < 5 * 2**20, sorted(names)[:50]
+    assert {"jobs/train.py", "harmoclip/model.py", "pipeline/prepare.py", "pyproject.toml"} <= set(names)
+    assert not [n for n in names if n.split("/")[0] in (".git", ".venv", "outputs", "mlflow.db")]
