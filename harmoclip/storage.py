@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -89,6 +90,27 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with filesystem.open_output_stream(path) as stream:
         stream.write(data)
+
+
+def upload_directory(local_dir: str, filesystem: pafs.FileSystem, path: str) -> None:
+    """Copy every file under `local_dir` to `path` in `filesystem`, raising if any write fails.
+
+    Not pyarrow.fs.copy_files: when one part of a multipart S3 upload fails for good, it logs
+    "Error ignored when destroying file" and returns normally, leaving the object out, so a
+    checkpoint would be registered without its weights. Here each stream is closed explicitly
+    (close raises the upload error) and each object's size is checked against the file's.
+    """
+    for root, _, names in os.walk(local_dir):
+        for name in sorted(names):
+            source = os.path.join(root, name)
+            target = f"{path}/{os.path.relpath(source, local_dir)}"
+            if isinstance(filesystem, pafs.LocalFileSystem):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(source, "rb") as reader, filesystem.open_output_stream(target) as writer:
+                shutil.copyfileobj(reader, writer, 8 * 2**20)
+            written, expected = filesystem.get_file_info(target).size, os.path.getsize(source)
+            if written != expected:
+                raise OSError(f"{target}: {written} bytes stored, {expected} written")
 
 
 def _object_identity(uri: str) -> str:

@@ -35,7 +35,7 @@ from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, load_checkpo
 from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
-from harmoclip.storage import join, resolve
+from harmoclip.storage import join, resolve, upload_directory
 from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray, log_level,
                          quiet_libraries, run_storage, set_verbose)
 from jobs.tracking import RunTracker, default_tracking_uri
@@ -182,11 +182,21 @@ def train_worker(config: dict[str, RunSpec]) -> None:
                                      {"model": dataclasses.asdict(spec.model),
                                       "method": dataclasses.asdict(spec.method)}, model.loss_parameters())
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}")
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
+                                 checkpoint_upload_fn=_upload_checkpoint)
         else:
             ray.train.report(metrics)
     if tracker:
         tracker.finish()
+
+
+def _upload_checkpoint(checkpoint: ray.train.Checkpoint, directory_name: str) -> ray.train.Checkpoint:
+    """Ray Train's upload step: every file written or an error (then Ray retries the upload, and a
+    failure that persists fails the worker, which restores from the last complete checkpoint)."""
+    storage = ray.train.get_context().get_storage()
+    path = f"{storage.experiment_fs_path}/{directory_name}"
+    upload_directory(checkpoint.path, storage.storage_filesystem, path)
+    return ray.train.Checkpoint(path=path, filesystem=storage.storage_filesystem)
 
 
 def _copy_final(checkpoint_path: str, filesystem, out: str) -> None:

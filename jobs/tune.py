@@ -29,8 +29,8 @@ from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.storage import is_remote, join, write_bytes
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
-from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray, run_storage,
-                         set_verbose)
+from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray,
+                         quiet_libraries, run_storage, set_verbose)
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.train_data import DatasetError
 
@@ -46,6 +46,8 @@ def rung_steps(steps: int, scheduler: str) -> list[int]:
 
 def trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial: train to each rung's step count on one LR schedule, evaluate, report."""
+    set_verbose(setup["verbose"])  # a trial runs in its own process, maybe on another node
+    quiet_libraries()
     method = replace(setup["method"], lambda_lrc=config["lambda_lrc"], lambda_gr=config["lambda_gr"])
     train: TrainConfig = setup["train"]
     train = replace(train, lr=config.get("lr", train.lr), schedule_steps=train.steps)
@@ -171,9 +173,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                              **as_flat_dict(model, method, train)}, artifact_storage=sweep)
         setup = {"data": args.data, "val": args.val, "sweep": sweep, "model": model, "method": method,
                  "train": train, "scheduler": args.scheduler, "tracking_uri": tracking_uri,
-                 "parent_run_id": parent.run_id}
+                 "parent_run_id": parent.run_id, "verbose": args.verbose}
         metric = OBJECTIVES[args.objective]
         trainable = tune.with_parameters(trial, setup=setup)
+        # Tune saves the sweep's state (which trials finished) at most every 10 s by default; a
+        # sweep stopped just after a trial finished would run that trial again. The state is a few
+        # kB against trials of minutes: save it every 2 s.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
         experiment = f"{storage_path.rstrip('/')}/{name}"
         if tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
             print(f"resuming the sweep in {sweep}: finished trials are kept, unfinished ones continue from "

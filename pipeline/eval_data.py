@@ -25,6 +25,7 @@ from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
 from harmoclip.model import pool_regions
 from harmoclip.storage import join, resolve
 
+from . import report_progress_to_log
 from .images import Rejected, load_image
 from .prepare import DATASET_FILE
 from .regions import BoxCounts, normalise_xywh
@@ -168,6 +169,7 @@ def embed(eval_set: EvalSet, model: ModelConfig, batch_size: int = 64, actors: i
         Embedder, batch_format="pyarrow", batch_size=batch_size, compute=ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"model": model})
     dataset.context.execution_options.preserve_order = True
+    report_progress_to_log(dataset)
     dataset = dataset.materialize()
     text_to_image = [i for i, per_image in enumerate(rows["captions"].to_pylist()) for _ in per_image]
     return Embeddings(

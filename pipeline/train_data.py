@@ -28,6 +28,7 @@ from harmoclip.batch import stable_key
 from harmoclip.model import register_tiny_configs
 from harmoclip.storage import join, resolve
 
+from . import report_progress_to_log
 from .prepare import DATASET_FILE, SCHEMA_VERSION
 from .sampling import DatasetIndex, Schedule, build_index
 
@@ -222,7 +223,4 @@ def worker_batches(data: str, index: DatasetIndex, schedule: Schedule, rank: int
         read_window, batch_size=1, batch_format="pyarrow",
         fn_kwargs={"data": data, "files": index.files, "spec": spec, "batch_size": schedule.batch_size})
     dataset.context.execution_options.preserve_order = True
-    # A worker's stdout is no terminal: progress goes to Ray Data's INFO log, which jobs hold back
-    # unless --verbose (the trainer prints its own progress), instead of tqdm bars.
-    dataset.context.use_ray_tqdm = False
-    return dataset
+    return report_progress_to_log(dataset)

@@ -17,6 +17,7 @@ from harmoclip.config import PrepareConfig
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
+from tests import reference_run
 
 TEST_MODEL = "harmo-micro"
 
@@ -100,3 +101,11 @@ def prepared(ray_local, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare(find_source(str(root)), str(out), PrepareConfig(regions="gt", tokenizer=TEST_MODEL, batch_size=8))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def clean_run(prepared, tmp_path_factory) -> dict:
+    """The reference run (tests/reference_run.py), uninterrupted, checkpoints on local disk: what
+    every resumed or restored run must end up equal to."""
+    result = reference_run.train(prepared, tmp_path_factory.mktemp("clean") / "run")
+    return {**result, "model": reference_run.MODEL, "settings": reference_run.SETTINGS}

@@ -1,7 +1,9 @@
-"""Transient S3 failures while checkpoints are uploaded are retried, and the run completes.
+"""S3 failures while checkpoints are uploaded: transient ones are retried by the client; one that
+outlasts the retries fails the worker, Ray Train restores the last complete checkpoint, and the run
+ends exactly where an uninterrupted one does.
 
-A small HTTP proxy on 127.0.0.1 sits between the S3 client and the moto server and answers the
-first uploads of checkpoint files with 503 SlowDown, as S3 does under load.
+A small HTTP proxy on 127.0.0.1 sits between the S3 client and the moto server and answers chosen
+checkpoint uploads with 503 SlowDown, as S3 does under load.
 """
 
 from __future__ import annotations
@@ -12,20 +14,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 import boto3
+import torch
+from mlflow.tracking import MlflowClient
 
-from harmoclip import MethodConfig, ModelConfig
-from harmoclip.config import TrainConfig
-from jobs import train as train_job
+from harmoclip.storage import fetch_to_local
+from tests import reference_run
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
 
 
 class FlakyProxy:
-    """Forwards every request to `upstream`; fails the first `failures` PUTs whose path holds `marker`."""
+    """Forwards every request to `upstream`; fails the first `failures[marker]` PUTs whose path
+    holds `marker`, for each marker."""
 
-    def __init__(self, upstream: str, marker: str, failures: int) -> None:
-        self.failed, self.forwarded_puts = 0, 0
+    def __init__(self, upstream: str, failures: dict[str, int]) -> None:
+        self.failed = dict.fromkeys(failures, 0)
+        self.forwarded_puts = 0
         lock = threading.Lock()  # uploads can overlap: exactly `failures` of them must fail
         upstream_host = urlparse(upstream).netloc
         proxy = self
@@ -46,11 +51,12 @@ class FlakyProxy:
 
             def _relay(self) -> None:
                 body = self._read_body()
-                is_checkpoint_put = self.command == "PUT" and marker in self.path
+                marker = next((m for m in failures if m in self.path), None) if self.command == "PUT" else None
                 with lock:
-                    fail = is_checkpoint_put and proxy.failed < failures
-                    proxy.failed += fail
-                    proxy.forwarded_puts += is_checkpoint_put and not fail
+                    fail = marker is not None and proxy.failed[marker] < failures[marker]
+                    if fail:
+                        proxy.failed[marker] += 1
+                    proxy.forwarded_puts += marker is not None and not fail
                 if fail:
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -68,7 +74,9 @@ class FlakyProxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
+                # A HEAD answer has no body but states the object's size.
+                self.send_header("Content-Length", response.getheader("Content-Length", "0")
+                                 if self.command == "HEAD" else str(len(payload)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(payload)
@@ -92,16 +100,31 @@ class FlakyProxy:
         self.server.server_close()
 
 
-def test_checkpoint_upload_survives_transient_s3_errors(prepared, s3_server, bucket, tmp_path, monkeypatch):
-    with FlakyProxy(s3_server, marker="checkpoint_", failures=2) as proxy:
-        # The driver's S3 client goes through the proxy; Ray Train uploads checkpoints with it.
+def test_checkpoint_uploads_retry_then_fail_the_worker_and_the_run_restores(prepared, clean_run, s3_server,
+                                                                           bucket, tmp_path, monkeypatch):
+    """The reference run's settings, with checkpoints on s3:// behind the proxy: two 503s on checkpoint 4
+    (fewer than the client's 3 attempts), and checkpoint 8 refused more often than it retries."""
+    failures = {"checkpoint_000004/": 2, "checkpoint_000008/open_clip_weights.pt": 9}
+    with FlakyProxy(s3_server, failures) as proxy:
+        # The driver's and the workers' S3 clients go through the proxy (workers inherit the env).
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        result = train_job.run(prepared, f"s3://{bucket}/runs/flaky", ModelConfig(name="harmo-micro"),
-                               MethodConfig(), TrainConfig(steps=4, batch_size=4, checkpoint_every=2, log_every=2,
-                                                           max_failures=0, mlflow_uri=f"sqlite:///{tmp_path}/m.db"))
-    assert proxy.failed == 2 and proxy.forwarded_puts > 0
-    assert result["step"] == 4
+        result = reference_run.train(prepared, f"s3://{bucket}/runs/flaky", max_failures=1,
+                                     mlflow_uri=f"sqlite:///{tmp_path}/m.db")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    assert proxy.failed == failures and proxy.forwarded_puts > 0
+    assert result["step"] == 12
+
+    client = MlflowClient(result["tracking_uri"])
+    run = client.search_runs([client.get_experiment_by_name("harmoclip").experiment_id])[0]
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert logged.count(4) == 1  # the transient errors were retried without a restart
+    assert logged.count(5) == 2 and logged.count(9) == 1  # steps 5-8 again, from checkpoint 4: never the broken 8
+
+    # The run ends with the weights of the uninterrupted local one: the restore was exact.
+    weights = fetch_to_local(result["checkpoint"], tmp_path / "cache")
+    reference = torch.load(clean_run["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    for name, tensor in torch.load(weights, map_location="cpu", weights_only=True)["state_dict"].items():
+        assert torch.allclose(tensor, reference[name], rtol=1e-5, atol=1e-6), name
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket=bucket, Prefix="runs/flaky/")["Contents"]]
-    assert "runs/flaky/checkpoint_000004/open_clip_weights.pt" in keys
-    assert "runs/flaky/open_clip_weights.pt" in keys
+    assert "runs/flaky/checkpoint_000012/open_clip_weights.pt" in keys and "runs/flaky/open_clip_weights.pt" in keys

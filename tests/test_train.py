@@ -13,17 +13,9 @@ from mlflow.tracking import MlflowClient
 from ray.train import TrainingFailedError
 
 import open_clip
-from harmoclip import MethodConfig, ModelConfig, register_tiny_configs
-from harmoclip.config import TrainConfig
-from jobs import train as train_job
+from harmoclip import register_tiny_configs
+from tests.reference_run import train
 
-MODEL = ModelConfig(name="harmo-micro")
-SETTINGS = dict(steps=12, batch_size=4, workers=2, lr=2e-3, warmup_steps=2, checkpoint_every=4, log_every=1)
-
-
-def _train(prepared: str, out, **overrides) -> dict:
-    settings = {**SETTINGS, "mlflow_uri": f"sqlite:///{out.parent}/mlflow.db", **overrides}
-    return train_job.run(prepared, str(out), MODEL, MethodConfig(), TrainConfig(**settings))
 
 
 def _run(tracking_uri: str):
@@ -38,12 +30,6 @@ def _history(tracking_uri: str, metric: str) -> list[tuple[int, float]]:
 
 def _weights(result: dict) -> dict[str, torch.Tensor]:
     return torch.load(result["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
-
-
-@pytest.fixture(scope="module")
-def clean_run(prepared, tmp_path_factory) -> dict:
-    """The reference run: 2 gloo workers, 12 steps, a checkpoint every 4, metrics every step."""
-    return _train(prepared, tmp_path_factory.mktemp("clean") / "run")
 
 
 def test_two_gloo_workers_train_checkpoint_and_log(clean_run):
@@ -71,7 +57,7 @@ def test_same_seed_gives_identical_losses_even_under_load(prepared, clean_run, t
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(19))
                for _ in range(os.cpu_count() or 1)]
     try:
-        loaded = _train(prepared, tmp_path / "loaded")
+        loaded = train(prepared, tmp_path / "loaded")
     finally:
         for burner in burners:
             burner.kill()
@@ -81,7 +67,7 @@ def test_same_seed_gives_identical_losses_even_under_load(prepared, clean_run, t
 
 def test_killed_worker_resumes_exactly_where_it_left_off(prepared, clean_run, tmp_path):
     out = tmp_path / "crashy"
-    result = _train(prepared, out, inject_crash_at_step=6, inject_crash_rank=1, max_failures=1)
+    result = train(prepared, out, inject_crash_at_step=6, inject_crash_rank=1, max_failures=1)
     assert result["step"] == 12 and (out / "checkpoint_000012").exists()
     client, runs = _run(result["tracking_uri"])
     assert len(runs) == 1  # the restart logged into the same run
@@ -93,14 +79,14 @@ def test_killed_worker_resumes_exactly_where_it_left_off(prepared, clean_run, tm
     for name, tensor in _weights(result).items():
         assert torch.allclose(tensor, reference[name], rtol=1e-5, atol=1e-6), name
 
-    again = _train(prepared, out)  # the same command again: nothing left to do, same final checkpoint
+    again = train(prepared, out)  # the same command again: nothing left to do, same final checkpoint
     assert again["step"] == 12
 
 
 def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(prepared, tmp_path):
     out = tmp_path / "nan"
     with pytest.raises(TrainingFailedError, match="loss is nan at step 7"):
-        _train(prepared, out, inject_nan_at_step=7, max_failures=0)
+        train(prepared, out, inject_nan_at_step=7, max_failures=0)
     assert (out / "checkpoint_000004" / "open_clip_weights.pt").exists()
     register_tiny_configs()
     open_clip.create_model("harmo-micro", pretrained=str(out / "checkpoint_000004" / "open_clip_weights.pt"))
