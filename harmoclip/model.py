@@ -60,9 +60,12 @@ def pool_regions(dense: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tenso
     batch, dim, height, width = dense.shape
     scale = boxes.new_tensor([width, height, width, height])
     batch_index, box_index = box_mask.nonzero(as_tuple=True)
-    rois = torch.cat([batch_index[:, None].to(boxes.dtype), boxes[batch_index, box_index] * scale], dim=1)
-    pooled = roi_align(dense, rois.to(dense.dtype), output_size=1, spatial_scale=1.0,
-                       sampling_ratio=-1, aligned=True).flatten(1)
+    rois = torch.cat([batch_index[:, None].float(), boxes[batch_index, box_index].float() * scale.float()], dim=1)
+    # RoIAlign in float32 even when the dense map is bfloat16: bf16 holds integers exactly only up
+    # to 256, so a batch index above that (or a coordinate on a large map) would pick the wrong
+    # image or place. The pooled features go back to the map's dtype.
+    pooled = roi_align(dense.float(), rois, output_size=1, spatial_scale=1.0,
+                       sampling_ratio=-1, aligned=True).flatten(1).to(dense.dtype)
     regions = dense.new_zeros(batch, boxes.shape[1], dim)
     regions[batch_index, box_index] = F.normalize(pooled, dim=-1)
     return regions
@@ -97,7 +100,10 @@ def _project(x: torch.Tensor, projection: nn.Module | torch.Tensor | None) -> to
 class HarmoCLIP(nn.Module):
     """Wraps an open_clip `CLIP` with a ViT image tower; its `clip` attribute is the model saved."""
 
-    def __init__(self, clip: CLIP, method: MethodConfig | None = None) -> None:
+    def __init__(self, clip: CLIP, method: MethodConfig | None = None, check_inputs: bool = True) -> None:
+        """`check_inputs`: validate boxes and lexeme spans on every forward, naming the bad sample.
+        Each check reads a result back from the device, so a GPU waits on every step; the trainer
+        turns it off because its batches were checked on the CPU where Ray Data built them."""
         super().__init__()
         if not isinstance(clip, CLIP):
             raise ValueError(f"HarmoCLIP needs an open_clip CLIP model, got {type(clip).__name__}")
@@ -113,6 +119,7 @@ class HarmoCLIP(nn.Module):
             raise ValueError("the last vision block must be a batch-first open_clip ResidualAttentionBlock")
         self.clip = clip
         self.method = method or MethodConfig()
+        self.check_inputs = check_inputs
         # Optional loss temperatures of LRC and GR: training parameters, not part of the model
         # that is saved (checkpoints stay plain open_clip weights); initialised as CLIP's.
         for name, wanted in (("lrc_logit_scale", self.method.lrc_learnable_temperature),
@@ -203,11 +210,13 @@ class HarmoCLIP(nn.Module):
             out[name] = param.exp()
         box_mask = batch["box_mask"].bool()
         lexeme_mask = batch["lexeme_mask"].bool()
-        check_boxes(batch["boxes"], box_mask)
+        if self.check_inputs:
+            check_boxes(batch["boxes"], box_mask)
         if self.method.lexeme_embedding == "separate_text":
             lexemes = self.encode_lexemes_as_texts(batch["lexeme_tokens"], lexeme_mask)
         else:
-            check_lexeme_spans(batch["lexeme_spans"], lexeme_mask, batch["tokens"])
+            if self.check_inputs:
+                check_lexeme_spans(batch["lexeme_spans"], lexeme_mask, batch["tokens"])
             lexemes = pool_token_spans(text_tokens, batch["lexeme_spans"], lexeme_mask)
         out.update(
             region_features=pool_regions(image.dense, batch["boxes"], box_mask),

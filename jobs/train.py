@@ -112,7 +112,7 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     #    initial weights on every worker, then the latest checkpoint if there is one.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     torch.manual_seed(train.seed)
-    model = HarmoCLIP(create_clip(spec.model), spec.method)
+    model = HarmoCLIP(create_clip(spec.model), spec.method, check_inputs=False)  # batches were checked by Ray Data
     ddp_model = ray.train.torch.prepare_model(model)  # moves `model` to the device; loads below follow it
     optimizer = adamw(model, train.lr, train.weight_decay)
     scheduler = warmup_cosine(optimizer, train.warmup_steps, spec.schedule_steps)

@@ -21,12 +21,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
+import torch
 from PIL import Image
 from spacy.lang.en.stop_words import STOP_WORDS
 
 from harmoclip.batch import stable_key
 from harmoclip.model import register_tiny_configs
 from harmoclip.storage import join, resolve
+from harmoclip.validation import check_boxes, check_lexeme_spans
 
 from . import report_progress_to_log
 from .prepare import DATASET_FILE, SCHEMA_VERSION
@@ -166,10 +168,15 @@ def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
             out["lexeme_keys"][i, j] = stable_key(unit["key"])
         out["lexeme_mask"][i, : len(units)] = True
         lexeme_texts.append([unit["text"] for unit in units] + [""] * (l - len(units)))
+    # The model's own checks would read back from the GPU on every step; here they cost nothing.
+    check_boxes(torch.from_numpy(out["boxes"]), torch.from_numpy(out["box_mask"]))
     if spec.separate_text:
         flat = [text for texts in lexeme_texts for text in texts]
         out["lexeme_tokens"] = (_tokenizer(spec.tokenizer)(flat).numpy().reshape(n, l, -1) if n
                                 else np.zeros((0, l, spec.context_length), np.int64))
+    else:
+        check_lexeme_spans(torch.from_numpy(out["lexeme_spans"]), torch.from_numpy(out["lexeme_mask"]),
+                           torch.from_numpy(out["tokens"]))
     return out
 
 

@@ -67,6 +67,25 @@ def test_region_pooling_averages_the_box_area():
     assert torch.allclose(regions[0], torch.tensor([[1.0, 0.0], [0.0, 1.0], [2 ** -0.5, 2 ** -0.5]]), atol=1e-6)
 
 
+def test_region_pooling_under_bf16_autocast_keeps_batch_index_and_coordinates_exact():
+    """A batch of 300 images, image i a constant map along channel i % 4, under CPU bf16 autocast:
+    each whole-image box must pool its own image (bf16 rounds 257 to 256), and a box covering only
+    the right half of a 300-wide map must see only that half."""
+    images, channels = 300, 4
+    dense = torch.zeros(images, channels, 2, 300)
+    dense[torch.arange(images), torch.arange(images) % channels] = 1.0
+    dense[0, :, :, :150] = 0.0
+    dense[0, 3, :, :150] = 1.0  # image 0: left half along channel 3, right half along channel 0
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(images, 1)[:, None]
+    boxes[0, 0] = torch.tensor([0.6, 0.0, 1.0, 1.0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        regions = pool_regions(dense.bfloat16(), boxes, torch.ones(images, 1, dtype=torch.bool))
+    expected = F.one_hot(torch.arange(images) % channels, channels).float()
+    assert regions.dtype == torch.bfloat16
+    assert torch.equal(regions[:, 0].float().argmax(-1), expected.argmax(-1))
+    assert torch.allclose(regions[:, 0].float(), expected, atol=1e-2)
+
+
 def test_token_span_pooling_is_a_manual_mean():
     tokens = torch.randn(2, 10, 3)
     spans = torch.tensor([[[1, 4], [4, 5]], [[2, 3], [0, 0]]])
