@@ -235,6 +235,9 @@ class TrainConfig:
     max_regions: int = _help("K: region slots per sample (more are cut, fewer are masked).", default=20)
     max_lexemes: int = _help("L: lexeme slots per sample (more are cut, fewer are masked).", default=8)
     checkpoint_every: int = _help("Save a checkpoint every this many steps (and at the end).", default=100)
+    checkpoint_upload: Literal["async", "sync"] = _help(
+        "async: training goes on while the checkpoint is uploaded in the background (an upload that "
+        "fails still fails the worker); sync: the step waits for the upload.", default="async")
     log_every: int = _help("Report metrics to Ray Train and MLflow every this many steps.", default=10)
     seed: int = _help("Seed of the initial weights, of each epoch's caption choice and of data order.", default=0)
     workers: int = _help("Ray Train workers (one process each; gloo on CPU, nccl on GPU).", default=1)

@@ -27,7 +27,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, CheckpointUploadMode, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
@@ -43,6 +43,7 @@ from pipeline.sampling import DatasetIndex, Schedule
 from pipeline.train_data import BatchSpec, DatasetError, training_index, worker_batches
 
 LOSS_TERMS = ("loss", "gc", "lrc", "gr")
+UPLOAD_MODES = {"async": CheckpointUploadMode.ASYNC, "sync": CheckpointUploadMode.SYNC}
 PROGRESS_LINES = 10  # rank 0 prints about this many progress lines per run, however long
 
 
@@ -175,15 +176,16 @@ def train_worker(config: dict[str, RunSpec]) -> None:
             next_progress = step + progress_every
             progress.info(progress_line(metrics, spec.total_steps))
         if step % train.checkpoint_every == 0 or final:
-            with tempfile.TemporaryDirectory() as directory:
-                checkpoint = None
-                if rank == 0:
-                    write_checkpoint(directory, model.clip, optimizer, scheduler, step,
-                                     {"model": dataclasses.asdict(spec.model),
-                                      "method": dataclasses.asdict(spec.method)}, model.loss_parameters())
-                    checkpoint = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
-                                 checkpoint_upload_fn=_upload_checkpoint)
+            checkpoint = None
+            if rank == 0:  # written now, uploaded (and then deleted) by Ray Train, maybe in the background
+                directory = tempfile.mkdtemp(prefix="harmoclip-checkpoint-")
+                write_checkpoint(directory, model.clip, optimizer, scheduler, step,
+                                 {"model": dataclasses.asdict(spec.model),
+                                  "method": dataclasses.asdict(spec.method)}, model.loss_parameters())
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
+                             checkpoint_upload_fn=_upload_checkpoint, delete_local_checkpoint_after_upload=True,
+                             checkpoint_upload_mode=UPLOAD_MODES[train.checkpoint_upload])
         else:
             ray.train.report(metrics)
     if tracker:
