@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import tempfile
 import time
@@ -48,7 +49,8 @@ def start_s3() -> object:
 def checkpoint_megabytes(prefix: str) -> float:
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     objects = s3.list_objects_v2(Bucket="bench-checkpoints", Prefix=prefix)["Contents"]
-    newest = max(o["Key"].split("/")[2] for o in objects if "/checkpoint_" in o["Key"])
+    newest = max(re.search(r"/(checkpoint_\d+)/", o["Key"]).group(1) for o in objects
+                 if re.search(r"/checkpoint_\d+/", o["Key"]))
     return sum(o["Size"] for o in objects if f"/{newest}/" in o["Key"]) / 2**20
 
 
