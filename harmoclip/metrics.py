@@ -124,6 +124,23 @@ def box_classification(region_features: torch.Tensor, class_embeddings: torch.Te
     return result
 
 
+def vocabulary_labels(box_classes: Sequence[str], vocabulary: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A custom vocabulary for box classification: `(labels, kept)`, where `kept` (M,) marks the
+    boxes whose class name is in `vocabulary` and `labels` are their indices into it.
+
+    The other boxes are left out (their class cannot be named); vocabulary names that no box has
+    stay in as distractors, as they would in open-vocabulary use.
+    """
+    if not vocabulary:
+        raise ValueError("the vocabulary is empty")
+    if duplicates := sorted({name for name in vocabulary if list(vocabulary).count(name) > 1}):
+        raise ValueError(f"the vocabulary names these classes more than once: {duplicates}")
+    index = {name: i for i, name in enumerate(vocabulary)}
+    kept = torch.tensor([name in index for name in box_classes], dtype=torch.bool)
+    labels = torch.tensor([index[name] for name in box_classes if name in index], dtype=torch.long)
+    return labels, kept
+
+
 def class_text_embeddings(encode_text: Callable[[list[str]], torch.Tensor], class_names: list[str],
                           templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
     """Prompt-template ensemble (C, D): per class, the mean of its template embeddings, renormalised.

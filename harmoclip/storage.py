@@ -83,6 +83,16 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def read_text(uri: str) -> str:
+    """A small text file (a class list, templates) from a local path or an s3:// URI."""
+    filesystem, path = resolve(uri)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read().decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file") from None
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a small file (a summary, a results table) to a local path or an s3:// URI."""
     filesystem, path = resolve(uri)

@@ -25,12 +25,13 @@ import torch
 
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.checkpoint import WEIGHT_SUFFIXES, read_checkpoint_config
-from harmoclip.metrics import DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall
-from harmoclip.storage import write_bytes
+from harmoclip.metrics import (DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall,
+                               vocabulary_labels)
+from harmoclip.storage import read_text, write_bytes
 from jobs.common import add_verbose_argument, init_ray, set_verbose
 from pipeline.eval_data import embed, load_eval_set
 from pipeline.sources import SourceError
-from pipeline.train_data import DatasetError
+from pipeline.dataset import DatasetError
 
 
 def model_of_checkpoint(checkpoint: str, model_name: str | None) -> ModelConfig:
@@ -42,38 +43,67 @@ def model_of_checkpoint(checkpoint: str, model_name: str | None) -> ModelConfig:
     return ModelConfig(name=model_name or read_checkpoint_config(checkpoint)["model"]["name"], init_from=checkpoint)
 
 
-def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+def read_vocabulary(uri: str) -> list[str]:
+    """Class names, one per line (blank lines and surrounding spaces ignored), or a COCO
+    categories json: a list of {"name": ...} or a document with a "categories" list."""
+    text = read_text(uri)
+    if uri.endswith(".json"):
+        document = json.loads(text)
+        entries = document.get("categories") if isinstance(document, dict) else document
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
+            raise ValueError(f"{uri}: expected a COCO categories list ([{{\"name\": ...}}, ...]) or a document "
+                             f"with one under \"categories\"")
+        return [str(e["name"]) for e in entries]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_templates(uri: str) -> list[str]:
+    """Prompt templates, one per line, each with a `{}` where the class name goes."""
+    return [line.strip() for line in read_text(uri).splitlines() if line.strip()]
+
+
+def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_size: int = 64,
+             classes: str | None = None, templates: str | None = None) -> dict[str, Any]:
+    """`classes`: a vocabulary file (see read_vocabulary) instead of the dataset's categories;
+    `templates`: a prompt-template file instead of DEFAULT_TEMPLATES."""
     model = model_of_checkpoint(checkpoint, model_name)
+    vocabulary = read_vocabulary(classes) if classes else None
+    prompt_templates = read_templates(templates) if templates else list(DEFAULT_TEMPLATES)
     eval_set = load_eval_set(data)
     if eval_set.rows.num_rows == 0:
         raise DatasetError(f"{data}: no usable image to evaluate on (skipped: {eval_set.skipped})")
     if not eval_set.categories:
         raise DatasetError(f"{data} has no categories (COCO instances): box classification needs them")
+    name_of = {c["id"]: c["name"] for c in eval_set.categories}
+    if vocabulary and not {name_of[label] for per_image in eval_set.rows["labels"].to_pylist()
+                           for label in per_image} & set(vocabulary):
+        raise ValueError(f"{classes}: none of its {len(vocabulary)} names is the category of a box in {data}")
     embeddings = embed(eval_set, model, batch_size=batch_size)
 
     harmo = HarmoCLIP(create_clip(model)).eval()
     tokenizer = open_clip.get_tokenizer(model.name)
-    names = [c["name"] for c in eval_set.categories]
+    names = vocabulary or [c["name"] for c in eval_set.categories]
+    labels, kept = vocabulary_labels([name_of[int(label)] for label in embeddings.labels], names)
     with torch.no_grad():
-        classes = class_text_embeddings(lambda texts: harmo.encode_text(tokenizer(texts))[0], names)
-    index_of = {c["id"]: i for i, c in enumerate(eval_set.categories)}
-    labels = torch.tensor([index_of[int(label)] for label in embeddings.labels], dtype=torch.long)
+        class_embeddings = class_text_embeddings(lambda texts: harmo.encode_text(tokenizer(texts))[0], names,
+                                                 prompt_templates)
     is_thing = (torch.tensor([bool(c["isthing"]) for c in eval_set.categories])
-                if all("isthing" in c for c in eval_set.categories) else None)
+                if vocabulary is None and all("isthing" in c for c in eval_set.categories) else None)
 
     results: dict[str, Any] = {
         "retrieval": retrieval_recall(embeddings.images, embeddings.texts, embeddings.text_to_image),
-        "box": {**box_classification(embeddings.regions, classes, labels, is_thing=is_thing),
-                "crop": box_classification(embeddings.crops, classes, labels, is_thing=is_thing)},
+        "box": {**box_classification(embeddings.regions[kept], class_embeddings, labels, is_thing=is_thing),
+                "crop": box_classification(embeddings.crops[kept], class_embeddings, labels, is_thing=is_thing)},
     }
     results["harmony"] = harmony(results)
     image_size = harmo.image_size[0]
     results["protocol"] = {
         "data": data, "checkpoint": checkpoint, "model": model.name,
         "images": int(embeddings.images.shape[0]), "captions": int(embeddings.texts.shape[0]),
-        "boxes": int(labels.numel()), "classes": len(names), "image_size": image_size,
+        "boxes": int(labels.numel()), "boxes_left_out": int((~kept).sum()), "classes": len(names),
+        "vocabulary": classes or "the dataset's categories", "image_size": image_size,
         "image_transform": f"whole image resized to {image_size}x{image_size} (no crop)",
-        "templates": list(DEFAULT_TEMPLATES),
+        "templates": prompt_templates,
         "box_feature": "RoIAlign 1x1 (aligned) on the dense map; 'crop': box crop encoded as an image",
         "skipped_images": eval_set.skipped,
     }
@@ -83,9 +113,10 @@ def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_si
 def format_table(results: dict[str, Any]) -> str:
     p, r, b = results["protocol"], results["retrieval"], results["box"]
     lines = [
-        f"data {p['data']}: {p['images']} images, {p['captions']} captions, {p['boxes']} boxes, "
-        f"{p['classes']} classes; {p['model']} at {p['image_size']} px, {p['image_transform']}; "
-        f"{len(p['templates'])} prompt templates",
+        f"data {p['data']}: {p['images']} images, {p['captions']} captions, {p['boxes']} boxes"
+        + (f" ({p['boxes_left_out']} left out: class not in the vocabulary)" if p.get("boxes_left_out") else "")
+        + f", {p['classes']} classes from {p.get('vocabulary', 'the dataset')}; {p['model']} at {p['image_size']} px, "
+        f"{p['image_transform']}; {len(p['templates'])} prompt templates",
         "| metric | value |", "|---|---|",
         *(f"| retrieval {d} R@{k} | {100 * r[d][f'r{k}']:.1f} |" for d in ("i2t", "t2i") for k in (1, 5, 10)),
         *(f"| box {name} (RoIAlign) | {100 * b[key]:.1f} |" for key, name in
@@ -105,12 +136,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="write results.json here (local or s3://)")
     parser.add_argument("--model", default=None, help="open_clip model name (needed for a bare weights file)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
+    parser.add_argument("--classes", default=None,
+                        help="vocabulary for box classification: one class name per line, or a COCO categories "
+                             "json (local or s3://). Boxes of other categories are left out and counted; names "
+                             "no box has act as distractors. Default: the dataset's categories")
+    parser.add_argument("--templates", default=None,
+                        help="prompt templates, one per line, each with {} for the class name (local or s3://); "
+                             "default: 6 built-in templates")
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     try:
         init_ray()
-        results = evaluate(args.checkpoint, args.data, args.model, args.batch_size)
+        results = evaluate(args.checkpoint, args.data, args.model, args.batch_size, args.classes, args.templates)
     except (DatasetError, SourceError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

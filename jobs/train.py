@@ -40,7 +40,8 @@ from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_clu
                          quiet_libraries, run_storage, set_verbose)
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.sampling import DatasetIndex, Schedule
-from pipeline.train_data import BatchSpec, DatasetError, training_index, worker_batches
+from pipeline.dataset import DatasetError
+from pipeline.train_data import BatchSpec, training_index, worker_batches
 
 LOSS_TERMS = ("loss", "gc", "lrc", "gr")
 UPLOAD_MODES = {"async": CheckpointUploadMode.ASYNC, "sync": CheckpointUploadMode.SYNC}

@@ -32,7 +32,7 @@ from jobs import train as train_job
 from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray,
                          quiet_libraries, run_storage, set_verbose)
 from jobs.tracking import RunTracker, default_tracking_uri
-from pipeline.train_data import DatasetError
+from pipeline.dataset import DatasetError
 
 OBJECTIVES = {"harmony": "harmony", "retrieval": "retrieval_r1", "box": "box_top1"}
 RUNGS = (4, 2, 1)  # ASHA rungs end at steps/4, steps/2 and steps

@@ -30,7 +30,7 @@ from .images import Rejected, load_image
 from .prepare import DATASET_FILE
 from .regions import BoxCounts, normalise_xywh
 from .sources import categories, find_source, read_image_rows
-from .train_data import read_dataset_manifest, shard_files
+from .dataset import read_dataset_manifest, shard_files
 
 EVAL_ROW_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("image", pa.binary()),

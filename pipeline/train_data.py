@@ -10,15 +10,13 @@ remapped into the crop, clipped, and dropped when less than `MIN_BOX_SIDE` of th
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import open_clip
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 import torch
@@ -27,44 +25,16 @@ from spacy.lang.en.stop_words import STOP_WORDS
 
 from harmoclip.batch import stable_key
 from harmoclip.model import register_tiny_configs
-from harmoclip.storage import join, resolve
+from harmoclip.storage import resolve
 from harmoclip.validation import check_boxes, check_lexeme_spans
 
 from . import report_progress_to_log
-from .prepare import DATASET_FILE, SCHEMA_VERSION
+from .dataset import DatasetError, read_dataset_manifest, shard_files
 from .sampling import DatasetIndex, Schedule, build_index
 
 MIN_BOX_SIDE = 0.02
 LEXEME_KEY_FIELD = {"root_lemma": "lemma", "phrase_lemma": "phrase_lemma"}
 TRAINING_COLUMNS = ["image_id", "image", "width", "height", "tokens", "lexemes", "regions"]
-
-
-class DatasetError(ValueError):
-    """The prepared dataset is missing, unfinished, or was made for another model."""
-
-
-def read_dataset_manifest(uri: str) -> dict[str, Any]:
-    filesystem, path = resolve(join(uri, DATASET_FILE))
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            manifest = json.loads(stream.read())
-    except FileNotFoundError as err:
-        raise DatasetError(f"{uri} has no {DATASET_FILE}: not a prepared dataset, or its preparation did not "
-                           "finish (run python -m jobs.prepare)") from err
-    except OSError as err:
-        raise DatasetError(f"cannot read {uri}/{DATASET_FILE}: {err}") from err
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DatasetError(f"{uri}: schema version {manifest.get('schema_version')}, expected {SCHEMA_VERSION}")
-    return manifest
-
-
-def shard_files(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    filesystem, path = resolve(uri)
-    files = sorted(info.path for info in filesystem.get_file_info(pafs.FileSelector(path))
-                   if info.base_name.startswith("part-") and info.base_name.endswith(".parquet"))
-    if not files:
-        raise DatasetError(f"{uri} has no part-*.parquet shards (0 rows were written?)")
-    return filesystem, files
 
 
 @dataclass(frozen=True)

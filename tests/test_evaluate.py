@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -33,9 +34,14 @@ def weights(tmp_path_factory) -> str:
                                   str(tmp_path_factory.mktemp("w") / "weights.pt"))
 
 
-def test_coco_folder_and_prepared_twin_give_the_same_numbers(ray_local, weights, tmp_path, capsys):
-    coco = tmp_path / "val"
-    write_shapes_dataset(str(coco), images=12, seed=3, size=48, captions_per_image=2)
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("eval") / "val"
+    write_shapes_dataset(str(folder), images=12, seed=3, size=48, captions_per_image=2)
+    return folder
+
+
+def test_coco_folder_and_prepared_twin_give_the_same_numbers(ray_local, weights, coco, tmp_path, capsys):
     prepare(find_source(str(coco)), str(tmp_path / "prepared"),
             PrepareConfig(regions="gt", image_format="png", tokenizer="harmo-micro"))
     out = tmp_path / "results.json"
@@ -56,3 +62,29 @@ def test_coco_folder_and_prepared_twin_give_the_same_numbers(ray_local, weights,
 def test_bare_weights_file_needs_the_model_name(weights):
     with pytest.raises(SystemExit):
         evaluate_job.main(["--checkpoint", weights, "--data", "/nonexistent"])
+
+
+def test_custom_vocabulary_and_templates_are_used_and_recorded(ray_local, weights, coco, tmp_path, capsys):
+    instances = json.loads((coco / "instances.json").read_text())
+    name_of = {c["id"]: c["name"] for c in instances["categories"]}
+    boxes_per_class = Counter(name_of[a["category_id"]] for a in instances["annotations"])
+    chosen = sorted(boxes_per_class)[:2]
+    vocabulary = tmp_path / "classes.txt"
+    vocabulary.write_text("\n".join([*chosen, "purple elephant"]) + "\n\n")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a drawing of a {}.\nthe {} shape.\n")
+    argv = ["--checkpoint", weights, "--model", "harmo-micro", "--data", str(coco)]
+
+    protocol = evaluate_job.main([*argv, "--classes", str(vocabulary), "--templates", str(templates)])["protocol"]
+    assert protocol["classes"] == 3 and protocol["vocabulary"] == str(vocabulary)
+    assert protocol["boxes"] == sum(boxes_per_class[name] for name in chosen)
+    assert protocol["boxes_left_out"] == sum(boxes_per_class.values()) - protocol["boxes"]
+    assert protocol["templates"] == ["a drawing of a {}.", "the {} shape."]
+    assert f"({protocol['boxes_left_out']} left out: class not in the vocabulary)" in capsys.readouterr().out
+
+    # A COCO categories json is a vocabulary too; one that names no box's class is refused up front.
+    assert evaluate_job.read_vocabulary(str(coco / "instances.json")) == list(name_of.values())
+    (tmp_path / "none.txt").write_text("purple elephant\n")
+    with pytest.raises(SystemExit):
+        evaluate_job.main([*argv, "--classes", str(tmp_path / "none.txt")])
+    assert "none of its 1 names is the category of a box" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from harmoclip import metrics
 from harmoclip.metrics import (DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmonic_mean, harmony,
-                               retrieval_recall)
+                               retrieval_recall, vocabulary_labels)
 
 
 def unit(rows: list[list[float]]) -> torch.Tensor:
@@ -179,3 +179,27 @@ def test_harmony_is_the_harmonic_mean_of_mean_r1_and_box_top1():
     results["box"]["top1"] = 0.0
     assert harmony(results) == 0.0
     assert harmonic_mean(0.5, 0.5) == pytest.approx(0.5) and harmonic_mean(0.0, 1.0) == 0.0
+
+
+def test_custom_vocabulary_leaves_out_unnamed_boxes_and_keeps_distractors():
+    labels, kept = vocabulary_labels(["cat", "car", "dog", "cat"], ["dog", "cat", "bird"])
+    assert kept.tolist() == [True, False, True, True] and labels.tolist() == [1, 0, 1]
+    # Kept boxes: a clear cat, a clear dog, and a cat that looks more like a bird.
+    regions = torch.stack([torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]),
+                           torch.tensor([0.0, 0.6, 0.8])])
+    with_bird = box_classification(regions, torch.eye(3), labels)  # dog, cat, bird
+    assert with_bird["top1"] == pytest.approx(2 / 3)  # the distractor takes the third box
+    labels, kept = vocabulary_labels(["cat", "car", "dog", "cat"], ["dog", "cat"])
+    assert box_classification(regions, torch.eye(3)[:2], labels)["top1"] == 1.0
+    with pytest.raises(ValueError, match="more than once"):
+        vocabulary_labels(["cat"], ["cat", "dog", "cat"])
+    with pytest.raises(ValueError, match="empty"):
+        vocabulary_labels(["cat"], [])
+
+
+def test_custom_templates_make_the_class_embeddings():
+    directions = {"a drawing of a cat.": [1.0, 0.0], "a photo of a cat.": [0.0, 1.0]}
+    encode = lambda texts: torch.tensor([directions.get(t, [0.6, 0.8]) for t in texts])
+    assert torch.allclose(class_text_embeddings(encode, ["cat"], ["a drawing of a {}."]), torch.tensor([[1.0, 0.0]]))
+    both = class_text_embeddings(encode, ["cat"], ["a drawing of a {}.", "a photo of a {}."])
+    assert torch.allclose(both, F.normalize(torch.tensor([[1.0, 1.0]]), dim=-1))

@@ -14,7 +14,8 @@ from harmoclip.config import TrainConfig
 from harmoclip.model import register_tiny_configs
 from jobs.train import batch_spec
 from pipeline.sampling import Schedule, epoch_plan
-from pipeline.train_data import content_words, shard_files, training_index, worker_batches
+from pipeline.dataset import shard_files
+from pipeline.train_data import content_words, training_index, worker_batches
 
 MODEL = ModelConfig(name="harmo-micro")
 
