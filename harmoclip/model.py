@@ -58,9 +58,9 @@ def pool_regions(dense: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tenso
     Masked boxes are never pooled; their rows are zeros and must be read through `box_mask`.
     """
     batch, dim, height, width = dense.shape
-    scale = boxes.new_tensor([width, height, width, height])
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
     batch_index, box_index = box_mask.nonzero(as_tuple=True)
-    rois = torch.cat([batch_index[:, None].float(), boxes[batch_index, box_index].float() * scale.float()], dim=1)
+    rois = torch.cat([batch_index[:, None].float(), boxes[batch_index, box_index].float() * scale], dim=1)
     # RoIAlign in float32 even when the dense map is bfloat16: bf16 holds integers exactly only up
     # to 256, so a batch index above that (or a coordinate on a large map) would pick the wrong
     # image or place. The pooled features go back to the map's dtype.

@@ -93,12 +93,17 @@ def read_text(uri: str) -> str:
         raise FileNotFoundError(f"{uri}: no such file") from None
 
 
+def _output_stream(filesystem: pafs.FileSystem, path: str) -> pafs.NativeFile:
+    """A stream writing `path`; on a local disk its folder is made first (S3 has no folders)."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return filesystem.open_output_stream(path)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a small file (a summary, a results table) to a local path or an s3:// URI."""
     filesystem, path = resolve(uri)
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with filesystem.open_output_stream(path) as stream:
+    with _output_stream(filesystem, path) as stream:
         stream.write(data)
 
 
@@ -114,9 +119,7 @@ def upload_directory(local_dir: str, filesystem: pafs.FileSystem, path: str) -> 
         for name in sorted(names):
             source = os.path.join(root, name)
             target = f"{path}/{os.path.relpath(source, local_dir)}"
-            if isinstance(filesystem, pafs.LocalFileSystem):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(source, "rb") as reader, filesystem.open_output_stream(target) as writer:
+            with open(source, "rb") as reader, _output_stream(filesystem, target) as writer:
                 shutil.copyfileobj(reader, writer, 8 * 2**20)
             written, expected = filesystem.get_file_info(target).size, os.path.getsize(source)
             if written != expected:

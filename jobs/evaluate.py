@@ -54,12 +54,16 @@ def read_vocabulary(uri: str) -> list[str]:
             raise ValueError(f"{uri}: expected a COCO categories list ([{{\"name\": ...}}, ...]) or a document "
                              f"with one under \"categories\"")
         return [str(e["name"]) for e in entries]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return _nonblank_lines(text)
 
 
 def read_templates(uri: str) -> list[str]:
     """Prompt templates, one per line, each with a `{}` where the class name goes."""
-    return [line.strip() for line in read_text(uri).splitlines() if line.strip()]
+    return _nonblank_lines(read_text(uri))
+
+
+def _nonblank_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_size: int = 64,

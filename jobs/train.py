@@ -84,7 +84,6 @@ class RunSpec:
     parent_run_id: str | None = None
     log_level: int = logging.WARNING  # Ray's and open_clip's console logs in the workers
 
-
     def params(self) -> dict[str, Any]:
         return {"data": self.data, "out": self.out, "total_steps": self.total_steps,
                 **as_flat_dict(self.model, self.method, self.train)}

@@ -10,4 +10,3 @@ def report_progress_to_log(dataset: ray.data.Dataset) -> ray.data.Dataset:
     with --verbose. A driver at a terminal keeps its progress bars."""
     dataset.context.use_ray_tqdm = False
     return dataset
-

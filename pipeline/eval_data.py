@@ -26,11 +26,11 @@ from harmoclip.model import pool_regions
 from harmoclip.storage import join, resolve
 
 from . import report_progress_to_log
+from .dataset import read_dataset_manifest, shard_files
 from .images import Rejected, load_image
 from .prepare import DATASET_FILE
 from .regions import BoxCounts, normalise_xywh
 from .sources import categories, find_source, read_image_rows
-from .dataset import read_dataset_manifest, shard_files
 
 EVAL_ROW_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("image", pa.binary()),
