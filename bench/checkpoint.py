@@ -81,10 +81,11 @@ def main() -> None:
     baseline = rows[0][1]
     print(f"\n{args.model}, {args.steps} steps of {args.batch_size} samples, {os.cpu_count()} cores, S3 = moto on "
           f"127.0.0.1; one checkpoint = {rows[0][3]:.0f} MB")
-    print("| checkpoints | run wall s | extra checkpoints | cost per checkpoint step s |\n|---|---|---|---|")
+    print("| checkpoints | run wall s | ratio vs last step only | extra checkpoints | cost per checkpoint step s |\n"
+          "|---|---|---|---|---|")
     for name, wall, extra, _ in rows:
         cost = f"{(wall - baseline) / extra:.2f}" if extra else "-"
-        print(f"| {name} | {wall:.1f} | {extra} | {cost} |")
+        print(f"| {name} | {wall:.1f} | {wall / baseline:.3f} | {extra} | {cost} |")
 
 
 if __name__ == "__main__":
