@@ -7,6 +7,7 @@ import dataclasses
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from .checkpoint import model_to_use
 from .config import ModelConfig
 
 T = TypeVar("T")
@@ -21,7 +22,9 @@ def _parser_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     if origin is Literal:
         return type(args[0]), {"choices": list(args)}
     if annotation is bool:
-        return (lambda text: text.lower() in ("1", "true", "yes", "on")), {"metavar": "{true,false}"}
+        # `--gpu` alone means true; `--gpu false` spells the default out.
+        return (lambda text: text.lower() in ("1", "true", "yes", "on")), {"metavar": "{true,false}", "nargs": "?",
+                                                                           "const": True}
     return annotation, {}
 
 
@@ -61,3 +64,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def model_from_args(args: argparse.Namespace) -> ModelConfig:
     return config_from_args(args, ModelConfig, prefix="model_")
+
+
+def add_inference_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model an inference job (evaluate, embed, predict) uses: `--checkpoint`, or a base model
+    by `--model` and `--pretrained`, spelled as in the training jobs."""
+    group = parser.add_argument_group("model to use")
+    group.add_argument("--checkpoint", default=None,
+                       help="a jobs.train run or checkpoint folder, or an open_clip weights file (then also "
+                            "--model), local or s3://")
+    group.add_argument(MODEL_FLAGS["name"], dest="model_name", default=None,
+                       help="open_clip model name; read from the run folder when --checkpoint is one")
+    group.add_argument(MODEL_FLAGS["pretrained"], dest="model_pretrained", default=None,
+                       help="instead of --checkpoint: an open_clip pretrained tag or weights file for --model "
+                            "(to measure the base model)")
+
+
+def inference_model_from_args(args: argparse.Namespace) -> ModelConfig:
+    return model_to_use(args.checkpoint, args.model_name, args.model_pretrained)

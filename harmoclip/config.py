@@ -213,6 +213,56 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class InferenceConfig:
+    """How Ray Data runs a model over images and captions (jobs.evaluate, jobs.embed)."""
+
+    batch_size: int = _help("Images (or captions) per inference batch.", default=64)
+    actors: int = _help(
+        "Model actors per stage; each loads the model once (with --gpu, one GPU each).", default=1)
+    gpu: bool = _help("Run the model actors on GPUs (one per actor); decoding stays on CPU tasks.",
+                      default=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.actors < 1:
+            raise ValueError(f"batch_size and actors must be >= 1, got {self.batch_size} and {self.actors}")
+
+
+EMBED_PARTS = ("image", "text", "regions")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What jobs.embed computes and how it writes it."""
+
+    what: str = _help(
+        "Comma-separated parts to embed: image (global image embedding), text (one per caption), "
+        "regions (one per box, RoIAlign on the dense map).", default="image,text,regions")
+    regions: Literal["gt", "felzenszwalb", "grid", "file"] = _help(
+        "Boxes to embed with 'regions': gt (the data's ground-truth boxes, with their category), "
+        "felzenszwalb or grid (computed per image), file (COCO-format detections, --proposals).",
+        default="gt")
+    proposals: Optional[str] = _help("COCO detection-results JSON for --regions file.", default=None)
+    max_regions: int = _help("At most this many computed or file boxes per image (gt keeps all).", default=20)
+    min_region_size: float = _help(
+        "Computed or file boxes narrower or lower than this fraction of the image are dropped.", default=0.04)
+    dtype: Literal["float32", "float16"] = _help("Stored embedding dtype (computed in float32).",
+                                                 default="float32")
+    rows_per_shard: int = _help("Images (or captions) per output Parquet shard.", default=2000)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(part.strip() for part in self.what.split(",") if part.strip())
+
+    def __post_init__(self) -> None:
+        if not self.parts or set(self.parts) - set(EMBED_PARTS):
+            raise ValueError(f"--what takes a comma-separated subset of {','.join(EMBED_PARTS)}, got {self.what!r}")
+        if self.regions == "file" and not self.proposals:
+            raise ValueError("--regions file needs --proposals (a COCO detection-results JSON)")
+        if self.max_regions < 1 or not 0 <= self.min_region_size < 1 or self.rows_per_shard < 1:
+            raise ValueError("max_regions and rows_per_shard must be >= 1 and min_region_size in [0, 1)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, batching, checkpointing and tracking of one training run."""
 

@@ -36,6 +36,17 @@ def register_tiny_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+def model_shape(model_name: str) -> tuple[int, int]:
+    """(square input side, embedding dimension) of an open_clip architecture, read from its config
+    without loading weights: decode tasks resize to the side before any model is loaded."""
+    register_tiny_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
+    size = config["vision_cfg"]["image_size"]
+    return int(size if isinstance(size, int) else size[0]), int(config["embed_dim"])
+
+
 def create_clip(config: ModelConfig) -> CLIP:
     """An open_clip model; `pretrained` may be a hub tag, a local file or an s3:// URI, and
     `init_from` a jobs.train run/checkpoint folder or weights file (local or s3://)."""

@@ -1,9 +1,11 @@
 """Evaluate a checkpoint: image-text retrieval and box classification, with the protocol printed.
 
-CKPT is a run folder or checkpoint folder of jobs.train (it holds harmoclip.json and
-open_clip_weights.pt), or an open_clip weights file with --model. DATA is a COCO-format folder
-(images/, captions.json, instances.json) or a prepared dataset. Embeddings are computed with
-Ray Data (a local Ray is started if none is running).
+--checkpoint is a run folder or checkpoint folder of jobs.train (it holds harmoclip.json and
+open_clip_weights.pt), or an open_clip weights file with --model; --model with --pretrained
+measures a base open_clip model instead. DATA is a COCO-format folder (images/, captions.json,
+instances.json) or a prepared dataset, local or s3://. Images are read and decoded by Ray Data
+tasks and embedded by --actors model actors (one GPU each with --gpu); only embeddings reach this
+process (a local Ray is started if none is running).
 
 Retrieval: image->text and text->image R@1/5/10 over all images and captions of DATA (an image
 has several captions; I2T counts a hit if any of them is in the top k). Box classification:
@@ -24,23 +26,18 @@ import open_clip
 import torch
 
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
-from harmoclip.checkpoint import WEIGHT_SUFFIXES, read_checkpoint_config
+from harmoclip.checkpoint import model_to_use
+from harmoclip.cli import add_config_arguments, add_inference_model_arguments, config_from_args, \
+    inference_model_from_args
+from harmoclip.config import InferenceConfig
 from harmoclip.metrics import (DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall,
                                vocabulary_labels)
 from harmoclip.storage import read_text, write_bytes
 from jobs.common import add_verbose_argument, init_ray, set_verbose
-from pipeline.eval_data import embed, load_eval_set
-from pipeline.sources import SourceError
 from pipeline.dataset import DatasetError
-
-
-def model_of_checkpoint(checkpoint: str, model_name: str | None) -> ModelConfig:
-    """A run/checkpoint folder names its model in harmoclip.json; a bare weights file needs --model."""
-    if checkpoint.endswith(WEIGHT_SUFFIXES):
-        if not model_name:
-            raise ValueError(f"{checkpoint} is a weights file: say which architecture it is with --model")
-        return ModelConfig(name=model_name, pretrained=checkpoint)
-    return ModelConfig(name=model_name or read_checkpoint_config(checkpoint)["model"]["name"], init_from=checkpoint)
+from pipeline.eval_data import gather
+from pipeline.inference_data import read_inference_input
+from pipeline.sources import SourceError
 
 
 def read_vocabulary(uri: str) -> list[str]:
@@ -66,33 +63,32 @@ def _nonblank_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_size: int = 64,
-             classes: str | None = None, templates: str | None = None) -> dict[str, Any]:
-    """`classes`: a vocabulary file (see read_vocabulary) instead of the dataset's categories;
-    `templates`: a prompt-template file instead of DEFAULT_TEMPLATES."""
-    model = model_of_checkpoint(checkpoint, model_name)
+def evaluate(checkpoint: str | ModelConfig, data: str, model_name: str | None = None,
+             config: InferenceConfig = InferenceConfig(), classes: str | None = None,
+             templates: str | None = None) -> dict[str, Any]:
+    """`checkpoint`: a run/checkpoint folder or weights file (see harmoclip.checkpoint.model_to_use),
+    or the ModelConfig to use; `classes`: a vocabulary file (see read_vocabulary) instead of the
+    dataset's categories; `templates`: a prompt-template file instead of DEFAULT_TEMPLATES."""
+    model = checkpoint if isinstance(checkpoint, ModelConfig) else model_to_use(checkpoint, model_name, None)
     vocabulary = read_vocabulary(classes) if classes else None
     prompt_templates = read_templates(templates) if templates else list(DEFAULT_TEMPLATES)
-    eval_set = load_eval_set(data)
-    if eval_set.rows.num_rows == 0:
-        raise DatasetError(f"{data}: no usable image to evaluate on (skipped: {eval_set.skipped})")
-    if not eval_set.categories:
+    inputs = read_inference_input(data, batch_size=config.batch_size)
+    if not inputs.categories:
         raise DatasetError(f"{data} has no categories (COCO instances): box classification needs them")
-    name_of = {c["id"]: c["name"] for c in eval_set.categories}
-    if vocabulary and not {name_of[label] for per_image in eval_set.rows["labels"].to_pylist()
-                           for label in per_image} & set(vocabulary):
-        raise ValueError(f"{classes}: none of its {len(vocabulary)} names is the category of a box in {data}")
-    embeddings = embed(eval_set, model, batch_size=batch_size)
+    name_of = {c["id"]: c["name"] for c in inputs.categories}
+    if vocabulary and not set(name_of.values()) & set(vocabulary):
+        raise ValueError(f"{classes}: none of its {len(vocabulary)} names is a category of {data}")
+    embeddings = gather(inputs, model, config)
 
     harmo = HarmoCLIP(create_clip(model)).eval()
     tokenizer = open_clip.get_tokenizer(model.name)
-    names = vocabulary or [c["name"] for c in eval_set.categories]
+    names = vocabulary or [c["name"] for c in inputs.categories]
     labels, kept = vocabulary_labels([name_of[int(label)] for label in embeddings.labels], names)
     with torch.no_grad():
         class_embeddings = class_text_embeddings(lambda texts: harmo.encode_text(tokenizer(texts))[0], names,
                                                  prompt_templates)
-    is_thing = (torch.tensor([bool(c["isthing"]) for c in eval_set.categories])
-                if vocabulary is None and all("isthing" in c for c in eval_set.categories) else None)
+    is_thing = (torch.tensor([bool(c["isthing"]) for c in inputs.categories])
+                if vocabulary is None and all("isthing" in c for c in inputs.categories) else None)
 
     results: dict[str, Any] = {
         "retrieval": retrieval_recall(embeddings.images, embeddings.texts, embeddings.text_to_image),
@@ -102,14 +98,14 @@ def evaluate(checkpoint: str, data: str, model_name: str | None = None, batch_si
     results["harmony"] = harmony(results)
     image_size = harmo.image_size[0]
     results["protocol"] = {
-        "data": data, "checkpoint": checkpoint, "model": model.name,
+        "data": data, "checkpoint": model.init_from or model.pretrained, "model": model.name,
         "images": int(embeddings.images.shape[0]), "captions": int(embeddings.texts.shape[0]),
         "boxes": int(labels.numel()), "boxes_left_out": int((~kept).sum()), "classes": len(names),
         "vocabulary": classes or "the dataset's categories", "image_size": image_size,
         "image_transform": f"whole image resized to {image_size}x{image_size} (no crop)",
         "templates": prompt_templates,
         "box_feature": "RoIAlign 1x1 (aligned) on the dense map; 'crop': box crop encoded as an image",
-        "skipped_images": eval_set.skipped,
+        "left_out": embeddings.skipped,
     }
     return results
 
@@ -120,7 +116,9 @@ def format_table(results: dict[str, Any]) -> str:
         f"data {p['data']}: {p['images']} images, {p['captions']} captions, {p['boxes']} boxes"
         + (f" ({p['boxes_left_out']} left out: class not in the vocabulary)" if p.get("boxes_left_out") else "")
         + f", {p['classes']} classes from {p.get('vocabulary', 'the dataset')}; {p['model']} at {p['image_size']} px, "
-        f"{p['image_transform']}; {len(p['templates'])} prompt templates",
+        f"{p['image_transform']}; {len(p['templates'])} prompt templates"
+        + (f"; left out: {', '.join(f'{n} {reason}' for reason, n in p['left_out'].items())}" if p.get("left_out")
+           else ""),
         "| metric | value |", "|---|---|",
         *(f"| retrieval {d} R@{k} | {100 * r[d][f'r{k}']:.1f} |" for d in ("i2t", "t2i") for k in (1, 5, 10)),
         *(f"| box {name} (RoIAlign) | {100 * b[key]:.1f} |" for key, name in
@@ -135,11 +133,9 @@ def format_table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run/checkpoint folder or weights file (local or s3://)")
+    add_inference_model_arguments(parser)
     parser.add_argument("--data", required=True, help="COCO-format folder or prepared dataset (local or s3://)")
     parser.add_argument("--out", default=None, help="write results.json here (local or s3://)")
-    parser.add_argument("--model", default=None, help="open_clip model name (needed for a bare weights file)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per inference batch")
     parser.add_argument("--classes", default=None,
                         help="vocabulary for box classification: one class name per line, or a COCO categories "
                              "json (local or s3://). Boxes of other categories are left out and counted; names "
@@ -147,12 +143,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--templates", default=None,
                         help="prompt templates, one per line, each with {} for the class name (local or s3://); "
                              "default: 6 built-in templates")
+    add_config_arguments(parser, InferenceConfig)
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
     try:
+        model = inference_model_from_args(args)
         init_ray()
-        results = evaluate(args.checkpoint, args.data, args.model, args.batch_size, args.classes, args.templates)
+        results = evaluate(model, args.data, config=config_from_args(args, InferenceConfig), classes=args.classes,
+                           templates=args.templates)
     except (DatasetError, SourceError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from err

@@ -49,7 +49,7 @@ def _open_checked(uri: str, data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Transparent pixels become white, not black (the RGB conversion default)."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -60,7 +60,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def reencode(image: Image.Image, max_side: int, image_format: str) -> bytes:
-    image = _to_rgb(image)
+    image = to_rgb(image)
     longest = max(image.size)
     if longest > max_side:
         scale = max_side / longest
@@ -74,15 +74,21 @@ def reencode(image: Image.Image, max_side: int, image_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def read_checked(uri: str, max_pixels: int, data: bytes | None = None) -> Image.Image:
+    """The decoded image of `uri` (its bytes read unless `data` holds them already), or `Rejected`."""
+    if data is None:
+        try:
+            data = read_bytes(uri)
+        except FileNotFoundError as err:
+            raise Rejected("missing_image", f"{uri} does not exist") from err
+        except OSError as err:
+            raise Rejected("unreadable_image", f"{uri}: {err}") from err
+    return _open_checked(uri, data, max_pixels)
+
+
 def load_image(uri: str, max_pixels: int, max_side: int, image_format: str) -> tuple[bytes, int, int]:
     """(re-encoded bytes, original width, original height) or `Rejected`."""
-    try:
-        data = read_bytes(uri)
-    except FileNotFoundError as err:
-        raise Rejected("missing_image", f"{uri} does not exist") from err
-    except OSError as err:
-        raise Rejected("unreadable_image", f"{uri}: {err}") from err
-    image = _open_checked(uri, data, max_pixels)
+    image = read_checked(uri, max_pixels)
     return reencode(image, max_side, image_format), image.width, image.height
 
 

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import spacy
-from ray.data import ActorPoolStrategy, DataContext, SaveMode
+from ray.data import ActorPoolStrategy, SaveMode
 from ray.data.datasource import FilenameProvider
 
 from harmoclip.config import PrepareConfig
@@ -166,7 +166,6 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
     rows_in = sum(len(c) for c in images["captions"].to_pylist())
     if rows_in == 0:
         raise SourceError(f"{source.captions}: no captions found")
-    DataContext.get_current().execution_options.preserve_order = True
 
     chunks = [images.slice(i, config.batch_size) for i in range(0, images.num_rows, config.batch_size)]
     dataset = (
@@ -181,8 +180,9 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
                      compute=ActorPoolStrategy(size=config.lexeme_actors),
                      fn_constructor_kwargs={"spacy_pipeline": config.spacy_pipeline,
                                             "tokenizer_name": config.tokenizer})
-        .materialize()
     )
+    dataset.context.execution_options.preserve_order = True  # this dataset's own context, not the process's
+    dataset = dataset.materialize()
     summary = pa.concat_tables(
         dataset.select_columns(["sample_id", "image_id", "image_uri", "caption_index", "caption", "lexemes",
                                 "regions", "reject_reason", "reject_detail", *COUNTER_COLUMNS])

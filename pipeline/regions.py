@@ -60,9 +60,9 @@ def grid_boxes(levels: tuple[int, ...] = GRID_LEVELS) -> list[tuple[float, float
     return [(col / n, row / n, (col + 1) / n, (row + 1) / n) for n in levels for row in range(n) for col in range(n)]
 
 
-def segment_boxes(image_bytes: bytes, min_size: float) -> list[tuple[float, float, float, float, float]]:
+def segment_boxes(image: Image.Image, min_size: float) -> list[tuple[float, float, float, float, float]]:
     """Bounding boxes of felzenszwalb segments, scored by segment area, near-duplicates removed."""
-    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+    image = image.convert("RGB")
     image.thumbnail((SEGMENTATION_SIDE, SEGMENTATION_SIDE))
     pixels = np.asarray(image)
     height, width = pixels.shape[:2]
@@ -84,12 +84,13 @@ def segment_boxes(image_bytes: bytes, min_size: float) -> list[tuple[float, floa
     return [(*boxes[i], float(scores[i])) for i in keep.tolist()]
 
 
-def propose(row: dict, config: PrepareConfig, counts: BoxCounts) -> list[dict]:
-    """The `regions` of one decoded image row, best first, at most `config.max_regions`."""
+def propose(row: dict, config: PrepareConfig, counts: BoxCounts, image: Image.Image | None = None) -> list[dict]:
+    """The `regions` of one decoded image row, best first, at most `config.max_regions`.
+    felzenszwalb segments `image`, or the row's encoded `image` bytes when it is not given."""
     if config.regions == "grid":
         found = [(*box, 1.0) for box in grid_boxes() if box[2] - box[0] >= config.min_region_size]
     elif config.regions == "felzenszwalb":
-        found = segment_boxes(row["image"], config.min_region_size)
+        found = segment_boxes(image or Image.open(io.BytesIO(row["image"])), config.min_region_size)
     else:
         source_boxes = row["gt_boxes"] if config.regions == "gt" else row["proposals"]
         kept = normalise_xywh(source_boxes or [], row["width"], row["height"], config.min_region_size, counts)

@@ -1,4 +1,4 @@
-"""jobs.evaluate on a COCO folder and on its prepared twin."""
+"""jobs.evaluate on a COCO folder and on its prepared twin; the Ray Data path checked by an oracle."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from ray.data import DataContext
 
 from harmoclip import ModelConfig, create_clip
 from harmoclip.checkpoint import save_open_clip_weights
-from harmoclip.config import PrepareConfig
+from harmoclip.config import InferenceConfig, PrepareConfig
+from harmoclip.metrics import retrieval_recall
+from harmoclip.model import ImageFeatures, model_shape
 from jobs import evaluate as evaluate_job
+from pipeline.embedders import ImageEmbedder, TextEmbedder
+from pipeline.eval_data import gather
+from pipeline.inference_data import read_inference_input
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
@@ -87,4 +95,54 @@ def test_custom_vocabulary_and_templates_are_used_and_recorded(ray_local, weight
     (tmp_path / "none.txt").write_text("purple elephant\n")
     with pytest.raises(SystemExit):
         evaluate_job.main([*argv, "--classes", str(tmp_path / "none.txt")])
-    assert "none of its 1 names is the category of a box" in capsys.readouterr().err
+    assert "none of its 1 names is a category of" in capsys.readouterr().err
+
+
+def _numbered_coco(root) -> None:
+    """Image n is one flat colour (red = 20 n + 10), named out of order, with captions "picture n
+    ...": an oracle can read n from either side. Picture 5's file is corrupt and one caption is
+    blank, so the left-out paths run too."""
+    (root / "images").mkdir(parents=True)
+    images, captions, boxes = [], [], []
+    for n in range(12):
+        name = f"{(7 * n) % 12:02d}-photo.png"
+        if n == 5:
+            (root / "images" / name).write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (40 + n, 30), (20 * n + 10, 90, 90)).save(root / "images" / name)
+        images.append({"id": n, "file_name": name})
+        captions += [{"id": 10 * n + k, "image_id": n, "caption": f"picture {n} view {k}"} for k in range(2)]
+        boxes.append({"id": n, "image_id": n, "bbox": [2, 2, 20, 20], "category_id": 1})
+    captions.append({"id": 999, "image_id": 3, "caption": "  "})
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": boxes,
+                                                     "categories": [{"id": 1, "name": "patch"}]}))
+
+
+def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path):
+    """An embedder that maps picture n and each of its captions to the same one-hot vector must
+    score R@1 = 1 both ways: anything that misaligns captions, images or ids in the Ray Data path
+    (order, rejected rows, batching) breaks it."""
+    _numbered_coco(tmp_path / "numbered")
+    dim = model_shape("harmo-micro")[1]
+
+    class OracleImages(ImageEmbedder):
+        def encode(self, pixels: torch.Tensor, dense: bool) -> ImageFeatures:
+            red = (pixels[:, 0] * self.std[0, 0] + self.mean[0, 0]).mean(dim=(1, 2)) * 255
+            number = torch.round((red - 10) / 20).long().clamp(0, dim - 1)
+            return ImageFeatures(F.one_hot(number, dim).float(), super().encode(pixels, dense).dense)
+
+    class OracleTexts(TextEmbedder):
+        def encode(self, captions: list[str]) -> torch.Tensor:
+            return F.one_hot(torch.tensor([int(c.split()[1]) for c in captions]), dim).float()
+
+    global_context = DataContext.get_current().execution_options.preserve_order
+    inputs = read_inference_input(str(tmp_path / "numbered"), batch_size=4)
+    embeddings = gather(inputs, ModelConfig(name="harmo-micro"), InferenceConfig(batch_size=4),
+                        image_embedder=OracleImages, text_embedder=OracleTexts)
+    recall = retrieval_recall(embeddings.images, embeddings.texts, embeddings.text_to_image)
+    assert recall["i2t"]["r1"] == 1.0 and recall["t2i"]["r1"] == 1.0
+    assert embeddings.images.shape[0] == 11 and embeddings.texts.shape[0] == 22
+    assert embeddings.skipped == {"caption_of_skipped_image": 2, "corrupt_image": 1, "empty_caption": 1}
+    assert embeddings.regions.shape == (11, dim) and embeddings.labels.tolist() == [1] * 11
+    assert DataContext.get_current().execution_options.preserve_order == global_context
