@@ -13,6 +13,7 @@ import torch
 
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.batch import synthetic_batch
+from harmoclip.checkpoint import save_open_clip_weights
 from harmoclip.config import PrepareConfig
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
@@ -26,6 +27,15 @@ TEST_MODEL = "harmo-micro"
 def model() -> HarmoCLIP:
     torch.manual_seed(0)
     return HarmoCLIP(create_clip(ModelConfig(name=TEST_MODEL)))
+
+
+@pytest.fixture(scope="session")
+def micro_weights(tmp_path_factory) -> str:
+    """An open_clip weights file of a randomly initialised harmo-micro (seed 0): a model the
+    inference jobs can load as `--checkpoint FILE --model harmo-micro`."""
+    torch.manual_seed(0)
+    return save_open_clip_weights(create_clip(ModelConfig(name=TEST_MODEL)),
+                                  str(tmp_path_factory.mktemp("weights") / "weights.pt"))
 
 
 @pytest.fixture

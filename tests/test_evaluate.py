@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from ray.data import DataContext
 
-from harmoclip import ModelConfig, create_clip
-from harmoclip.checkpoint import save_open_clip_weights
+from harmoclip import ModelConfig
 from harmoclip.config import InferenceConfig, PrepareConfig
 from harmoclip.metrics import retrieval_recall
 from harmoclip.model import ImageFeatures, model_shape
@@ -36,10 +35,8 @@ def _value(results: dict, path: tuple[str, ...]) -> float:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    return save_open_clip_weights(create_clip(ModelConfig(name="harmo-micro")),
-                                  str(tmp_path_factory.mktemp("w") / "weights.pt"))
+def weights(micro_weights) -> str:
+    return micro_weights
 
 
 @pytest.fixture(scope="module")
