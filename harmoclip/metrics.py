@@ -124,6 +124,17 @@ def box_classification(region_features: torch.Tensor, class_embeddings: torch.Te
     return result
 
 
+def check_class_names(names: Sequence[str], what: str = "vocabulary") -> None:
+    """Names to classify among: at least one, none blank, none twice (a name given twice would
+    share its score between two entries, and a label index could not say which was meant)."""
+    if not names:
+        raise ValueError(f"the {what} is empty")
+    if blank := [position for position, name in enumerate(names) if not name.strip()]:
+        raise ValueError(f"the {what} has a blank name at position {blank[0]}")
+    if duplicates := sorted({name for name in names if list(names).count(name) > 1}):
+        raise ValueError(f"the {what} names these classes more than once: {duplicates}")
+
+
 def vocabulary_labels(box_classes: Sequence[str], vocabulary: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """A custom vocabulary for box classification: `(labels, kept)`, where `kept` (M,) marks the
     boxes whose class name is in `vocabulary` and `labels` are their indices into it.
@@ -131,10 +142,7 @@ def vocabulary_labels(box_classes: Sequence[str], vocabulary: Sequence[str]) -> 
     The other boxes are left out (their class cannot be named); vocabulary names that no box has
     stay in as distractors, as they would in open-vocabulary use.
     """
-    if not vocabulary:
-        raise ValueError("the vocabulary is empty")
-    if duplicates := sorted({name for name in vocabulary if list(vocabulary).count(name) > 1}):
-        raise ValueError(f"the vocabulary names these classes more than once: {duplicates}")
+    check_class_names(vocabulary)
     index = {name: i for i, name in enumerate(vocabulary)}
     kept = torch.tensor([name in index for name in box_classes], dtype=torch.bool)
     labels = torch.tensor([index[name] for name in box_classes if name in index], dtype=torch.long)

@@ -22,15 +22,22 @@ from mlflow.tracking import MlflowClient
 from harmoclip import MethodConfig
 from harmoclip.cli import add_config_arguments, config_from_args
 from harmoclip.config import TrainConfig
+from harmoclip.predict import Predictor
 from jobs import evaluate as evaluate_job
 from jobs.common import add_verbose_argument, init_ray, set_verbose
+from jobs.drawing import image_figure, png_bytes, show_boxes
+from jobs.predict import read_image
 from jobs.regime import (GC_ONLY, RegimeMismatch, add_regime_arguments, evaluate_base, finetune_and_evaluate, mean_r1,
                          prepare_data, regime_from_args, run_dir, train_base)
+from pipeline.regions import BoxCounts, normalise_xywh
+from pipeline.sources import categories, find_source, read_image_rows
 
 HEADLINE = (("retrieval", "i2t", "r1"), ("retrieval", "i2t", "r5"), ("retrieval", "t2i", "r1"), ("retrieval", "t2i", "r5"),
             ("box", "top1"), ("box", "top5"), ("box", "macc1"), ("box", "crop", "top1"), ("harmony",))
 ARM_LABELS = {"base": "base (no fine-tuning)", "baseline": "GC-only fine-tuned", "harmoclip": "HarmoCLIP fine-tuned",
               "region_only": "region-only fine-tuned"}
+EXAMPLE_IMAGES = 4
+RIGHT, WRONG = "#1a9850", "#d73027"
 
 
 def _get(results: dict, path: tuple[str, ...]) -> float:
@@ -77,6 +84,34 @@ def plot(results: dict[str, dict], histories: dict[str, dict[str, list]], path: 
     bars.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def examples(val: str, results: dict[str, dict], path: str) -> None:
+    """The ground-truth boxes of the first EXAMPLE_IMAGES val images (with boxes), labelled by the
+    GC-only and the HarmoCLIP model side by side, each box by its best of all val categories as
+    jobs.evaluate scores it: what box top-1 means, on pictures. Not chosen to flatter either model."""
+    source = find_source(val)
+    names = {category["id"]: category["name"] for category in categories(source.instances)}
+    labels = list(names.values())
+    samples = []
+    for row in [row for row in read_image_rows(source).to_pylist() if row["gt_boxes"]][:EXAMPLE_IMAGES]:
+        image = read_image(row["image_uri"])
+        kept = normalise_xywh(row["gt_boxes"], image.width, image.height, 0.0, BoxCounts())
+        samples.append((image, [box[:4] for box in kept], [names[box[4]["category_id"]] for box in kept]))
+    figure, axes = image_figure(samples[0][0], rows=len(samples), columns=2, panel_inches=3.5)
+    for column, arm in enumerate(("baseline", "harmoclip")):
+        predictor = Predictor.from_checkpoint(results[arm]["checkpoint"])
+        axes[0, column].set_title(f"{ARM_LABELS[arm]}\n(val box top-1 {100 * results[arm]['box']['top1']:.1f}%)",
+                                  fontsize=10)
+        for axis, (image, boxes, truths) in zip(axes[:, column], samples):
+            best = [box.top[0].label for box in predictor.classify(image, boxes, labels, top_k=1)]
+            show_boxes(axis, image, boxes, [label if label == truth else f"{label} (is {truth})"
+                                            for label, truth in zip(best, truths)],
+                       [RIGHT if label == truth else WRONG for label, truth in zip(best, truths)])
+    figure.suptitle(f"Ground-truth boxes labelled with each model's best of the {len(labels)} val categories\n"
+                    "green = right, red = wrong (the true category after 'is')", fontsize=10)
+    with open(path, "wb") as handle:
+        handle.write(png_bytes(figure))
 
 
 def _history(tracking_uri: str, run_dir: str) -> dict[str, list]:
@@ -132,14 +167,16 @@ def _run(out: str, regime, method: MethodConfig, finetune: TrainConfig, tracking
         results[name] = finetune_and_evaluate(run, base, data, arm_method, finetune.seed, regime, tracking_uri)
         histories[name] = _history(tracking_uri, run)
 
-    print("[4/4] table and plot", flush=True)
+    print("[4/4] table, plot and labelled examples", flush=True)
     table = side_by_side(results)
     plot(results, histories, f"{out}/demo.png")
+    examples(data["val"], results, f"{out}/examples.png")
     with open(f"{out}/results.json", "w") as handle:
         json.dump(results, handle, indent=2)
     print("\n" + evaluate_job.format_table(results["harmoclip"]).splitlines()[0])
     print(table)
-    print(f"\nresults: {out}/results.json, plot: {out}/demo.png, MLflow: {tracking_uri}")
+    print(f"\nresults: {out}/results.json, plot: {out}/demo.png, labelled examples: {out}/examples.png, "
+          f"MLflow: {tracking_uri}")
     print(f"demo took {time.monotonic() - started:.0f} s")
     return results
 

@@ -6,12 +6,20 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
+import open_clip
 import pytest
+import torch
+from PIL import Image
 
 from bench import harmony
-from harmoclip import MethodConfig
+from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
+from harmoclip.metrics import class_text_embeddings
+from harmoclip.model import pool_regions
+from harmoclip.predict import Predictor
 from jobs import demo as demo_job
 from jobs import evaluate as evaluate_job
+from jobs import predict as predict_job
 from jobs.regime import Regime
 
 SMALL = ["--base-images", "24", "--base-steps", "4", "--train-images", "24", "--val-images", "12", "--steps", "4",
@@ -40,6 +48,111 @@ def test_demo_fine_tunes_every_arm_from_one_base(demo):
     assert again["box"]["top1"] == saved["harmoclip"]["box"]["top1"]  # the demo's numbers are the checkpoint's
     assert (out / "demo.png").stat().st_size > 10_000
     assert results["baseline"]["protocol"]["model"] == "harmo-tiny"
+
+
+def test_demo_draws_val_boxes_labelled_by_both_models(demo):
+    out, _ = demo
+    examples = out / "examples.png"
+    assert examples.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and examples.stat().st_size > 20_000
+    pixels = np.asarray(Image.open(examples).convert("RGB"), np.float32)
+    assert pixels.shape[1] > 600 and pixels.shape[0] > 2 * pixels.shape[1]  # 4 images, two columns
+    assert pixels.std() > 20  # drawn images, not an empty canvas
+
+
+def _val_boxes(val) -> list[tuple[str, list[dict], list[tuple[float, ...]], list[str]]]:
+    """Per val image: its path, its COCO annotations, their boxes normalised by hand, their category names."""
+    instances = json.loads((val / "instances.json").read_text())
+    name_of = {c["id"]: c["name"] for c in instances["categories"]}
+    found = []
+    for image in instances["images"]:
+        annotations = [a for a in instances["annotations"] if a["image_id"] == image["id"]]
+        width, height = image["width"], image["height"]
+        boxes = [(x / width, y / height, (x + w) / width, (y + h) / height) for x, y, w, h in
+                 (a["bbox"] for a in annotations)]
+        found.append((str(val / "images" / image["file_name"]), annotations, boxes,
+                      [name_of[a["category_id"]] for a in annotations]))
+    return found
+
+
+class _ByHand:
+    """HarmoCLIP read directly, without harmoclip.pixels or harmoclip.predict: the image resized
+    whole with PIL and normalised here, pool_regions, the template ensemble, the query's embedding."""
+
+    def __init__(self, checkpoint: str, labels: list[str]) -> None:
+        self.model = HarmoCLIP(create_clip(ModelConfig(name="harmo-tiny", init_from=checkpoint))).eval()
+        self.tokenizer = open_clip.get_tokenizer("harmo-tiny")
+        with torch.no_grad():
+            self.labels = class_text_embeddings(lambda texts: self.model.encode_text(self.tokenizer(texts))[0], labels)
+
+    @torch.no_grad()
+    def dense(self, path: str) -> torch.Tensor:
+        preprocess = self.model.clip.visual.preprocess_cfg
+        pixels = np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC), np.float32)
+        pixels = (pixels / 255 - np.array(preprocess["mean"], np.float32)) / np.array(preprocess["std"], np.float32)
+        return self.model.encode_image(torch.from_numpy(pixels.transpose(2, 0, 1))[None]).dense
+
+    def cosines(self, path: str, boxes: list) -> torch.Tensor:
+        """(boxes, labels) cosine similarities."""
+        mask = torch.ones(1, len(boxes), dtype=torch.bool)
+        return pool_regions(self.dense(path), torch.tensor([boxes]), mask)[0] @ self.labels.T
+
+    @torch.no_grad()
+    def heat(self, path: str, query: str) -> torch.Tensor:
+        text = self.model.encode_text(self.tokenizer([query]))[0][0]
+        return torch.einsum("d,dhw->hw", text, self.dense(path)[0])
+
+
+def test_predictor_reproduces_the_evaluated_box_accuracy(demo):
+    out, results = demo
+    predictor = Predictor.from_checkpoint(results["harmoclip"]["checkpoint"])
+    labels = [c["name"] for c in json.loads((out / "data" / "val" / "instances.json").read_text())["categories"]]
+    ranks = []
+    for path, _, boxes, truths in _val_boxes(out / "data" / "val"):
+        for box, truth in zip(predictor.classify(Image.open(path), boxes, labels, top_k=5), truths):
+            top = [t.label for t in box.top]
+            ranks.append(top.index(truth) if truth in top else len(top))
+    box = results["harmoclip"]["box"]
+    assert len(ranks) == box["num_boxes"]
+    assert sum(r < 1 for r in ranks) == round(box["top1"] * len(ranks))  # what jobs.evaluate measured
+    assert sum(r < 5 for r in ranks) == round(box["top5"] * len(ranks))
+
+
+def test_predict_labels_the_box_the_model_knows_and_maps_a_phrase(demo, tmp_path, capsys):
+    out, results = demo
+    checkpoint = results["harmoclip"]["checkpoint"]
+    val = out / "data" / "val"
+    labels = [c["name"] for c in json.loads((val / "instances.json").read_text())["categories"]]
+    by_hand = _ByHand(checkpoint, labels)
+    # The box whose true category the model ranks highest, judged by hand (on our machine the tiny
+    # demo model gets 1 of the 26 val boxes right: this one, at rank 0).
+    candidates = []
+    for path, annotations, boxes, truths in _val_boxes(val):
+        cosine = by_hand.cosines(path, boxes)
+        for index, truth in enumerate(truths):
+            rank = int((cosine[index] > cosine[index, labels.index(truth)]).sum())
+            candidates.append((rank, path, annotations, boxes, index, truth))
+    rank, path, annotations, boxes, index, truth = min(candidates, key=lambda c: c[0])
+    assert rank < 5, "the demo's model ranks no val box's category in its top 5"
+    boxes_file = tmp_path / "boxes.json"
+    boxes_file.write_text(json.dumps(annotations))  # COCO annotation objects, read by their "bbox"
+    query = "a red square"
+    predictions = predict_job.main(["--checkpoint", checkpoint, "--image", path, "--boxes", str(boxes_file),
+                                    "--labels", ",".join(labels), "--query", query, "--out", str(tmp_path / "out")])
+
+    assert predictions == json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert [b["box"] for b in predictions["boxes"]] == [a["bbox"] for a in annotations]
+    assert [t["label"] for t in predictions["boxes"][index]["top"]][rank] == truth
+    scale = by_hand.model.clip.logit_scale.detach().exp().item()
+    for box, row in zip(predictions["boxes"], by_hand.cosines(path, boxes)):
+        assert box["top"][0]["label"] == labels[int(row.argmax())]
+        assert box["top"][0]["score"] == pytest.approx(float((scale * row).softmax(-1).max()), abs=1e-5)
+    heat = by_hand.heat(path, query)
+    np.testing.assert_allclose(predictions["queries"][0]["similarity"], heat.numpy(), atol=1e-5)
+    assert predictions["queries"][0]["max"] == pytest.approx(float(heat.max()), abs=1e-5)
+    for name in ("predictions.png", "query-1.png"):
+        assert Image.open(tmp_path / "out" / name).size[0] > 300
+    best = predictions["boxes"][index]["top"][0]
+    assert f"| {best['label']} | {best['score']:.3f} |" in capsys.readouterr().out
 
 
 def test_harmony_study_extends_the_demo_and_reports_paired_differences(demo, capsys):
