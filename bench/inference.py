@@ -28,6 +28,7 @@ import torch
 from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
 from harmoclip.config import PrepareConfig
 from harmoclip.model import model_shape, pool_regions
+from harmoclip.pixels import normalise
 from pipeline.inference_data import decode_stage, read_inference_input
 from pipeline.synthetic import write_shapes_dataset
 
@@ -47,9 +48,9 @@ class Row:
         return self.stage / self.forward
 
 
-def _tensor(blobs: list[bytes], size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def _tensor(blobs: list[bytes], size: int, mean: list[float], std: list[float], device: torch.device) -> torch.Tensor:
     pixels = np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, size, size, 3)
-    return ((torch.from_numpy(pixels.copy()).to(mean.device).permute(0, 3, 1, 2).float() / 255.0) - mean) / std
+    return normalise(torch.from_numpy(pixels.copy()).to(device), mean, std)
 
 
 def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gpu: bool = False) -> float:
@@ -62,7 +63,7 @@ def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gp
                    batch_format="pyarrow", batch_size=batch_size)]
     harmo = HarmoCLIP(create_clip(model), MethodConfig()).eval().to(device)
     preprocess = harmo.clip.visual.preprocess_cfg
-    mean, std = (torch.tensor(preprocess[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std"))
+    mean, std = preprocess["mean"], preprocess["std"]
     inputs = []
     for batch in decoded:
         boxes = batch["boxes"].to_pylist()
@@ -72,8 +73,8 @@ def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gp
         for i, image_boxes in enumerate(boxes):
             box_tensor[i, : len(image_boxes)] = torch.tensor(image_boxes)
             box_mask[i, : len(image_boxes)] = True
-        crop_pixels = _tensor([c for c in batch["crops"].to_pylist() if c], size, mean, std) if crops else None
-        inputs.append((_tensor(batch["pixels"].to_pylist(), size, mean, std), box_tensor.to(device),
+        crop_pixels = _tensor([c for c in batch["crops"].to_pylist() if c], size, mean, std, device) if crops else None
+        inputs.append((_tensor(batch["pixels"].to_pylist(), size, mean, std, device), box_tensor.to(device),
                        box_mask.to(device), crop_pixels))
 
     def run(images: torch.Tensor, box_tensor: torch.Tensor, box_mask: torch.Tensor, crop_pixels) -> None:

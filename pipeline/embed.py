@@ -1,8 +1,8 @@
 """Embedding export: a model's image, caption and region embeddings of a whole dataset as Parquet.
 
 Layout of OUT (local or s3://), described in docs/design.md:
-  images/part-NNNNN.parquet    one row per image: ids, size, boxes, image and region embeddings
-  captions/part-NNNNN.parquet  one row per caption: ids, text, caption embedding
+  images/part-NNNNN-0.parquet  one row per image: ids, size, boxes, image and region embeddings
+  captions/part-NNNNN-0.parquet  one row per caption: ids, text, caption embedding
   rejects/rejects-00000.parquet  every image or caption left out, with its reason
   embeddings.json              model, dimension, dtype, counts, config; written last
 Images and captions are two tables joined by `image_id`, so an image's embedding is stored once

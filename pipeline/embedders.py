@@ -23,6 +23,7 @@ from ray.data import ActorPoolStrategy
 from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
 from harmoclip.config import InferenceConfig, PrepareConfig
 from harmoclip.model import ImageFeatures, model_shape, pool_regions
+from harmoclip.pixels import normalise
 
 from .inference_data import InferenceInput, decode_stage
 
@@ -80,8 +81,7 @@ class ImageEmbedder(_ModelActor):
                  threads: int = 1) -> None:
         super().__init__(model, dtype, threads)
         preprocess = self.model.clip.visual.preprocess_cfg
-        self.mean = torch.tensor(preprocess["mean"], device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(preprocess["std"], device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = preprocess["mean"], preprocess["std"]
         self.size, self.regions, self.crops = self.model.image_size[0], regions, crops
 
     def encode(self, pixels: torch.Tensor, dense: bool) -> ImageFeatures:
@@ -91,8 +91,7 @@ class ImageEmbedder(_ModelActor):
     def _pixels(self, blobs: list[bytes]) -> torch.Tensor:
         """uint8 HWC blobs -> normalised float NCHW on the model's device."""
         pixels = np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, self.size, self.size, 3)
-        images = torch.from_numpy(pixels.copy()).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return (images - self.mean) / self.std
+        return normalise(torch.from_numpy(pixels.copy()).to(self.device), self.mean, self.std)
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -21,6 +20,7 @@ import ray.data
 from PIL import Image
 
 from harmoclip.config import PrepareConfig
+from harmoclip.pixels import squash
 from harmoclip.storage import join, resolve
 
 from .dataset import DatasetError, read_dataset_manifest, shard_files
@@ -130,11 +130,6 @@ def read_inference_input(uri: str, proposals: Optional[str] = None, batch_size: 
             raise DatasetError(f"{uri} is a prepared dataset: --proposals applies to a COCO folder")
         return _from_prepared(uri)
     return _from_source(uri, proposals, batch_size)
-
-
-def squash(image: Image.Image, size: int) -> np.ndarray:
-    """The whole image resized to size x size (uint8 HWC): no crop, so no box is cut off."""
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def _boxes(row: dict, image: Image.Image, regions: PrepareConfig) -> tuple[list, list, list]:

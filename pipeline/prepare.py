@@ -1,7 +1,7 @@
 """The preparation pipeline: image rows -> decode -> regions -> one row per caption -> lexemes -> Parquet.
 
 Determinism: rows keep the source order (`preserve_order`), shards are cut in order into
-`part-00000.parquet`, ... so the same input and config write identical shards, whatever the
+`part-00000-0.parquet`, ... so the same input and config write identical shards, whatever the
 number of actors. A destination that already holds anything is refused unless `overwrite`, which
 deletes it first; `dataset.json` is written last, so a dataset without it is incomplete.
 """
@@ -88,7 +88,8 @@ def accepted_rows(batch: pa.Table) -> pa.Table:
 
 
 class ShardNames(FilenameProvider):
-    """`part-00000.parquet`, ...: stable names, so a re-run writes the same files."""
+    """`part-00000-0.parquet`, ... (Ray Data adds the file index): stable names, so a re-run
+    writes the same files."""
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
         return f"part-{task_index:05d}.parquet"

@@ -125,7 +125,7 @@ def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path)
 
     class OracleImages(ImageEmbedder):
         def encode(self, pixels: torch.Tensor, dense: bool) -> ImageFeatures:
-            red = (pixels[:, 0] * self.std[0, 0] + self.mean[0, 0]).mean(dim=(1, 2)) * 255
+            red = (pixels[:, 0] * self.std[0] + self.mean[0]).mean(dim=(1, 2)) * 255
             number = torch.round((red - 10) / 20).long().clamp(0, dim - 1)
             return ImageFeatures(F.one_hot(number, dim).float(), super().encode(pixels, dense).dense)
 
