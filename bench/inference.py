@@ -4,8 +4,8 @@ model's forward over the same decoded batches in one process.
 The in-process baseline decodes every image first (outside the clock) with the stage's own decode
 function, then times only the model: `encode_image` on the batches (dense map and RoIAlign when the
 stage pools regions, the crops too when it encodes them), with all of this machine's cores. A
-stage is timed end to end at two sizes; the difference gives its steady rate (images/s) and the
-rest its fixed start-up (Ray Data planning, actor start, model load): start-up = T(small) -
+stage is timed end to end at two sizes (three times; medians); the difference gives its steady
+rate (images/s) and the rest its fixed start-up (Ray Data planning, actor start, model load): start-up = T(small) -
 small / rate. The baseline is measured before and after the stage and the faster one is kept,
 so a busy moment on the machine does not flatter the stage.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -93,17 +94,21 @@ def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gp
     return sum(len(batch[0]) for batch in inputs) / (time.perf_counter() - start)
 
 
-def steady_rate(run_stage: Callable[[int], None], small: int, large: int) -> tuple[float, float]:
-    """(images/s, start-up s) of a stage from its wall time on `small` and on `large` images,
-    after one untimed run on `small` (the first run also pays for cold worker imports)."""
+def steady_rate(run_stage: Callable[[int], None], small: int, large: int, repeats: int = 3) -> tuple[float, float]:
+    """(images/s, start-up s) of a stage from its wall time on `small` and on `large` images:
+    the median over `repeats` pairs, after one untimed run on `small` (the first run also pays for
+    cold worker imports). On a 2-core machine one pair can be off by a second either way."""
     run_stage(small)
-    times = {}
-    for images in (small, large):
-        start = time.perf_counter()
-        run_stage(images)
-        times[images] = time.perf_counter() - start
-    rate = (large - small) / (times[large] - times[small])
-    return rate, times[small] - small / rate
+    rates, startups = [], []
+    for _ in range(repeats):
+        times = {}
+        for images in (small, large):
+            start = time.perf_counter()
+            run_stage(images)
+            times[images] = time.perf_counter() - start
+        rates.append((large - small) / (times[large] - times[small]))
+        startups.append(times[small] - small / rates[-1])
+    return statistics.median(rates), statistics.median(startups)
 
 
 def first_images(data: str, count: int) -> str:
@@ -151,7 +156,7 @@ def compare(args: argparse.Namespace, crops: bool, stage: Callable[[str, ModelCo
         for name in args.models:
             model = ModelConfig(name=name)
             forward = forward_rate(data, model, args.batch_size, crops=crops, gpu=args.gpu)
-            rate, startup = steady_rate(stage(data, model, tmp), small, large)
+            rate, startup = steady_rate(stage(data, model, tmp), small, large, args.repeats)
             forward = max(forward, forward_rate(data, model, args.batch_size, crops=crops, gpu=args.gpu))
             rows.append(Row(name, what.format(boxes=boxes_per_image(data)), forward, rate, startup))
     return rows
@@ -164,4 +169,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the two set sizes the stage is timed on")
     parser.add_argument("--image-side", type=int, default=320, help="side of the synthetic images (PNG)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="timed (small, large) pairs; the median is kept")
     parser.add_argument("--gpu", action="store_true", help="model actors on a GPU (the baseline too)")

@@ -1,20 +1,21 @@
 """Embedding export: a model's image, caption and region embeddings of a whole dataset as Parquet.
 
 Layout of OUT (local or s3://), described in docs/design.md:
-  images/part-NNNNN-0.parquet  one row per image: ids, size, boxes, image and region embeddings
-  captions/part-NNNNN-0.parquet  one row per caption: ids, text, caption embedding
+  images/part-NNNNN.parquet      one row per image: ids, size, boxes, image and region embeddings
+  captions/part-NNNNN.parquet    one row per caption: ids, text, caption embedding
   rejects/rejects-00000.parquet  every image or caption left out, with its reason
-  embeddings.json              model, dimension, dtype, counts, config; written last
+  embeddings.json                model, dimension, dtype, counts, config; written last
 Images and captions are two tables joined by `image_id`, so an image's embedding is stored once
-however many captions it has. Rows keep the input order and shards are cut in order, so the same
-input, model and config write the same bytes.
+however many captions it has. The model runs in Ray Data; its output streams back here in input
+order and this process cuts the shards, so the same input, model and config write the same bytes,
+progress is printed as batches arrive, and rejects are collected in the same pass. What comes back
+is embeddings only (about 1 KB per vector in float16), not images.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections import Counter
 from typing import Any
@@ -22,8 +23,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray.data
-from ray.data import SaveMode
 
 from harmoclip import ModelConfig
 from harmoclip.config import EmbedConfig, InferenceConfig, PrepareConfig
@@ -32,24 +31,38 @@ from harmoclip.storage import join, resolve, write_bytes
 
 from .embedders import caption_embeddings, image_embeddings
 from .inference_data import InferenceInput
-from .prepare import REJECTS_DIR, REJECTS_SCHEMA, ShardNames, check_destination
+from .prepare import REJECTS_DIR, REJECTS_SCHEMA, check_destination
+from .progress import Progress
 
 EMBEDDINGS_FILE = "embeddings.json"
 IMAGE_COLUMNS = ("image_id", "image_uri", "width", "height")
 
 
-def _write_shards(dataset: ray.data.Dataset, rows: int, out: str, folder: str, rows_per_shard: int) -> int:
-    if rows == 0:
-        return 0
-    shards = max(1, math.ceil(rows / rows_per_shard))
-    filesystem, path = resolve(join(out, folder))
-    dataset.repartition(shards, shuffle=False).write_parquet(path, filesystem=filesystem,
-                                                             filename_provider=ShardNames(), mode=SaveMode.OVERWRITE)
-    return shards
+class ShardWriter:
+    """Tables in, `FOLDER/part-00000.parquet`, ... of `rows_per_shard` rows each out, in order."""
 
+    def __init__(self, out: str, folder: str, rows_per_shard: int) -> None:
+        self.filesystem, self.path = resolve(join(out, folder))
+        self.rows_per_shard, self.pending, self.shards = rows_per_shard, [], 0
 
-def _accepted(batch: pa.Table, columns: list[str]) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reject_reason"])).select(columns)
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        buffered = pa.concat_tables(self.pending)
+        while buffered.num_rows >= self.rows_per_shard:
+            self._flush(buffered.slice(0, self.rows_per_shard))
+            buffered = buffered.slice(self.rows_per_shard)
+        self.pending = [buffered] if buffered.num_rows else []
+
+    def close(self) -> int:
+        if self.pending:
+            self._flush(pa.concat_tables(self.pending))
+        return self.shards
+
+    def _flush(self, table: pa.Table) -> None:
+        if self.shards == 0:
+            self.filesystem.create_dir(self.path, recursive=True)
+        pq.write_table(table, f"{self.path}/part-{self.shards:05d}.parquet", filesystem=self.filesystem)
+        self.shards += 1
 
 
 def _image_columns(config: EmbedConfig) -> list[str]:
@@ -61,30 +74,26 @@ def _image_columns(config: EmbedConfig) -> list[str]:
     return columns
 
 
-def _rejects(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA)
-
-
 def _embed_images(data: InferenceInput, model: ModelConfig, config: EmbedConfig, inference: InferenceConfig,
                   out: str) -> tuple[dict[str, Any], list[dict], set[str]]:
     """Writes images/; returns (counts, reject rows, ids of the images written)."""
     regions = (PrepareConfig(regions=config.regions, proposals=config.proposals, max_regions=config.max_regions,
                              min_region_size=config.min_region_size) if "regions" in config.parts else None)
-    results = image_embeddings(data, model, inference, regions=regions, dtype=config.dtype).materialize()
-    summary = pa.concat_tables(results.select_columns(["image_id", "image_uri", "boxes", "reject_reason",
-                                                       "reject_detail"]).iter_batches(batch_format="pyarrow",
-                                                                                     batch_size=None))
-    accepted = summary.filter(pc.is_null(summary["reject_reason"]))
-    rejected = summary.filter(pc.is_valid(summary["reject_reason"]))
-    reject_rows = [{"image_id": r["image_id"], "image_uri": r["image_uri"], "stage": "image",
-                    "reason": r["reject_reason"], "detail": r["reject_detail"]} for r in rejected.to_pylist()]
-    shards = _write_shards(results.map_batches(_accepted, batch_format="pyarrow", batch_size=None,
-                                               fn_kwargs={"columns": _image_columns(config)}),
-                           accepted.num_rows, out, "images", config.rows_per_shard)
-    counts = {"images_in": data.num_images, "images_written": accepted.num_rows, "images_rejected": rejected.num_rows,
-              "image_shards": shards,
-              "boxes": int(pc.sum(pc.list_value_length(accepted["boxes"])).as_py() or 0) if regions else 0}
-    return counts, reject_rows, set(accepted["image_id"].to_pylist())
+    writer, progress = ShardWriter(out, "images", config.rows_per_shard), Progress("images", data.num_images)
+    reject_rows, written, boxes = [], set(), 0
+    for batch in image_embeddings(data, model, inference, regions=regions, dtype=config.dtype).iter_batches(
+            batch_format="pyarrow", batch_size=None):
+        progress.add(batch.num_rows)
+        reject_rows += [{"image_id": r["image_id"], "image_uri": r["image_uri"], "stage": "image",
+                         "reason": r["reject_reason"], "detail": r["reject_detail"]}
+                        for r in batch.filter(pc.is_valid(batch["reject_reason"])).to_pylist()]
+        accepted = batch.filter(pc.is_null(batch["reject_reason"]))
+        written.update(accepted["image_id"].to_pylist())
+        boxes += int(pc.sum(pc.list_value_length(accepted["boxes"])).as_py() or 0) if regions else 0
+        writer.write(accepted.select(_image_columns(config)))
+    counts = {"images_in": data.num_images, "images_written": len(written), "images_rejected": len(reject_rows),
+              "image_shards": writer.close(), "boxes": boxes}
+    return counts, reject_rows, written
 
 
 def _embed_captions(data: InferenceInput, model: ModelConfig, config: EmbedConfig, inference: InferenceConfig,
@@ -103,11 +112,14 @@ def _embed_captions(data: InferenceInput, model: ModelConfig, config: EmbedConfi
     rejected = captions.filter(pc.is_valid(captions["reject_reason"]))
     reject_rows = [{"sample_id": r["sample_id"], "image_id": r["image_id"], "caption": r["caption"], "stage": "caption",
                     "reason": r["reject_reason"], "detail": r["reject_detail"]} for r in rejected.to_pylist()]
-    results = caption_embeddings(kept.select(["sample_id", "image_id", "caption"]), model, inference,
-                                 dtype=config.dtype)
-    shards = _write_shards(results, kept.num_rows, out, "captions", config.rows_per_shard)
+    writer, progress = ShardWriter(out, "captions", config.rows_per_shard), Progress("captions", kept.num_rows)
+    if kept.num_rows:
+        for batch in caption_embeddings(kept.select(["sample_id", "image_id", "caption"]), model, inference,
+                                        dtype=config.dtype).iter_batches(batch_format="pyarrow", batch_size=None):
+            progress.add(batch.num_rows)
+            writer.write(batch)
     return {"captions_in": captions.num_rows, "captions_written": kept.num_rows,
-            "captions_rejected": rejected.num_rows, "caption_shards": shards}, reject_rows
+            "captions_rejected": rejected.num_rows, "caption_shards": writer.close()}, reject_rows
 
 
 def export_embeddings(data: InferenceInput, data_uri: str, model: ModelConfig, out: str, config: EmbedConfig,
@@ -136,7 +148,8 @@ def export_embeddings(data: InferenceInput, data_uri: str, model: ModelConfig, o
     counts["rejected_by_reason"] = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     filesystem, path = resolve(join(out, REJECTS_DIR))
     filesystem.create_dir(path, recursive=True)
-    pq.write_table(_rejects(rejects), f"{path}/rejects-00000.parquet", filesystem=filesystem)
+    pq.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), f"{path}/rejects-00000.parquet",
+                   filesystem=filesystem)
     record = {
         "model": {"name": model.name, "checkpoint": model.init_from, "pretrained": model.pretrained},
         "dimension": model_shape(model.name)[1], "dtype": config.dtype, "parts": list(config.parts),

@@ -7,7 +7,6 @@ id, not by position, so no ordering of the streams can misalign them.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -22,8 +21,7 @@ from harmoclip.config import InferenceConfig, PrepareConfig
 from .dataset import DatasetError
 from .embedders import ImageEmbedder, TextEmbedder, caption_embeddings, image_embeddings, to_numpy
 from .inference_data import InferenceInput
-
-PROGRESS_EVERY_S = 15.0
+from .progress import Progress
 
 
 @dataclass
@@ -35,22 +33,6 @@ class Embeddings:
     crops: torch.Tensor  # (M, D) crop-and-encode
     labels: torch.Tensor  # (M,) category ids
     skipped: dict[str, int] = field(default_factory=dict)  # images and captions left out, by reason
-
-
-class Progress:
-    """Prints `what: done/total (rate/s)` at most every PROGRESS_EVERY_S seconds: long work shows
-    it is moving, a short evaluation prints nothing."""
-
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total, self.done = what, total, 0
-        self.start = self.last = time.perf_counter()
-
-    def add(self, count: int) -> None:
-        self.done += count
-        now = time.perf_counter()
-        if now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            print(f"  {self.what}: {self.done}/{self.total} ({self.done / (now - self.start):.1f}/s)", flush=True)
 
 
 def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,

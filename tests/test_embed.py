@@ -42,7 +42,7 @@ def coco(tmp_path_factory) -> Path:
 def local_run(ray_local, micro_weights, coco, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("embeddings") / "out"
     record = embed_job.main(["--checkpoint", micro_weights, "--model", "harmo-micro", "--data", str(coco),
-                             "--out", str(out), "--batch-size", "2"])
+                             "--out", str(out), "--batch-size", "2", "--rows-per-shard", "3"])
     return out, record
 
 
@@ -81,6 +81,8 @@ def test_every_row_is_written_or_rejected_and_equals_the_models_forward(local_ru
     assert (counts["captions_in"], counts["captions_written"], counts["captions_rejected"]) == (13, 10, 3)
     assert counts["rejected_by_reason"] == {"corrupt_image": 1, "empty_caption": 1, "image_rejected": 2}
     assert counts["boxes"] == 10 and record["dimension"] == 32 and record["dtype"] == "float32"
+    assert (counts["image_shards"], counts["caption_shards"]) == (2, 4)  # 3 rows per shard, cut in order
+    assert [p.name for p in sorted((out / "images").iterdir())] == ["part-00000.parquet", "part-00001.parquet"]
     assert json.loads((out / "embeddings.json").read_text())["counts"] == counts
 
     images = pq.read_table(out / "images")
@@ -106,7 +108,7 @@ def test_a_rerun_writes_the_same_bytes_and_a_full_out_is_refused(local_run, micr
     shards = sorted(out.glob("*/part-*.parquet"))
     before = {path: path.read_bytes() for path in shards}
     argv = ["--checkpoint", micro_weights, "--model", "harmo-micro", "--data", str(coco), "--out", str(out),
-            "--batch-size", "2"]
+            "--batch-size", "2", "--rows-per-shard", "3"]
     with pytest.raises(SystemExit) as refused:
         embed_job.main(argv)
     assert refused.value.code == 2 and "already holds files" in capsys.readouterr().err
