@@ -58,7 +58,7 @@ def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gp
     """Images/s of the model alone on pre-decoded batches already on its device (one warm-up
     batch first)."""
     device = torch.device("cuda" if gpu else "cpu")
-    size = model_shape(model.name)[0]
+    size = model_shape(model)[0]
     decoded = [decode_stage(batch, size, GT, crops)
                for batch in read_inference_input(data, batch_size=batch_size).images.iter_batches(
                    batch_format="pyarrow", batch_size=batch_size)]

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--model", default="ViT-B-16", help="model whose input size and FLOPs are used")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    size = model_shape(args.model)[0]
+    size = model_shape(ModelConfig(name=args.model))[0]
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i in range(args.images):

@@ -74,22 +74,25 @@ def weights_of_run(uri: str, model_name: str) -> str:
     return f"{uri.rstrip('/')}/{WEIGHTS_FILENAME}"
 
 
-def model_to_use(checkpoint: str | None, model_name: str | None, pretrained: str | None) -> ModelConfig:
+def model_to_use(checkpoint: str | None, model_name: str | None, pretrained: str | None,
+                 image_size: int | None = None) -> ModelConfig:
     """The model an inference job loads: a jobs.train run or checkpoint folder (it names its
-    architecture), a bare weights file with its architecture, or a base open_clip model
-    (`model_name` with an open_clip tag or weights file as `pretrained`)."""
+    architecture and input size), a bare weights file with its architecture, or a base open_clip
+    model (`model_name` with an open_clip tag or weights file as `pretrained`)."""
     if checkpoint and pretrained:
         raise ValueError("--checkpoint and --pretrained both name the weights to use; pass one")
     if checkpoint is None:
         if not (model_name and pretrained):
             raise ValueError("say which model to use: --checkpoint RUN_OR_WEIGHTS, or --model NAME with "
                              "--pretrained TAG_OR_FILE for a base open_clip model")
-        return ModelConfig(name=model_name, pretrained=pretrained)
+        return ModelConfig(name=model_name, pretrained=pretrained, image_size=image_size)
     if checkpoint.endswith(WEIGHT_SUFFIXES):
         if not model_name:
             raise ValueError(f"{checkpoint} is a weights file: say which architecture it is with --model")
-        return ModelConfig(name=model_name, pretrained=checkpoint)
-    return ModelConfig(name=model_name or read_checkpoint_config(checkpoint)["model"]["name"], init_from=checkpoint)
+        return ModelConfig(name=model_name, pretrained=checkpoint, image_size=image_size)
+    trained = read_checkpoint_config(checkpoint)["model"]
+    return ModelConfig(name=model_name or trained["name"], init_from=checkpoint,
+                       image_size=image_size or trained.get("image_size"))
 
 
 def read_training_state(directory: str) -> dict:

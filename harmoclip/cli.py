@@ -54,11 +54,13 @@ def config_from_args(args: argparse.Namespace, config_type: type[T], prefix: str
     return config_type(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config_type)})
 
 
-MODEL_FLAGS = {"name": "--model", "pretrained": "--pretrained", "init_from": "--init-from"}
+MODEL_FLAGS = {"name": "--model", "pretrained": "--pretrained", "init_from": "--init-from",
+               "image_size": "--image-size"}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--pretrained`, `--init-from`: the same spelling in every job that loads a model."""
+    """`--model`, `--pretrained`, `--init-from`, `--image-size`: the same spelling in every job
+    that loads a model."""
     add_config_arguments(parser, ModelConfig, prefix="model_", flags=MODEL_FLAGS)
 
 
@@ -78,7 +80,10 @@ def add_inference_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(MODEL_FLAGS["pretrained"], dest="model_pretrained", default=None,
                        help="instead of --checkpoint: an open_clip pretrained tag or weights file for --model "
                             "(to measure the base model)")
+    group.add_argument(MODEL_FLAGS["image_size"], dest="model_image_size", type=int, default=None,
+                       help="input side in pixels; default: the one the run was trained at, else the "
+                            "architecture's own")
 
 
 def inference_model_from_args(args: argparse.Namespace) -> ModelConfig:
-    return model_to_use(args.checkpoint, args.model_name, args.model_pretrained)
+    return model_to_use(args.checkpoint, args.model_name, args.model_pretrained, args.model_image_size)

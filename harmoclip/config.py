@@ -37,9 +37,16 @@ class ModelConfig:
         default=None,
     )
 
+    image_size: Optional[int] = _help(
+        "Input side in pixels; None keeps the architecture's own (224 for ViT-B-16). Another size "
+        "interpolates the position embedding when weights load (open_clip's force_image_size). A "
+        "trained run records its size, and jobs that load the run use it.", default=None)
+
     def __post_init__(self) -> None:
         if self.pretrained and self.init_from:
             raise ValueError("--pretrained and --init-from both name starting weights; pass one")
+        if self.image_size is not None and self.image_size < 16:
+            raise ValueError(f"--image-size must be at least 16 pixels, got {self.image_size}")
 
 
 @dataclass(frozen=True)

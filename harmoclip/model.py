@@ -36,14 +36,14 @@ def register_tiny_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-def model_shape(model_name: str) -> tuple[int, int]:
-    """(square input side, embedding dimension) of an open_clip architecture, read from its config
-    without loading weights: decode tasks resize to the side before any model is loaded."""
+def model_shape(model: ModelConfig) -> tuple[int, int]:
+    """(square input side, embedding dimension) of a model, read from its open_clip config without
+    loading weights: decode tasks resize to the side before any model is loaded."""
     register_tiny_configs()
-    config = open_clip.get_model_config(model_name)
+    config = open_clip.get_model_config(model.name)
     if config is None:
-        raise ValueError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")
-    size = config["vision_cfg"]["image_size"]
+        raise ValueError(f"unknown open_clip model {model.name!r} (see open_clip.list_models())")
+    size = model.image_size or config["vision_cfg"]["image_size"]
     return int(size if isinstance(size, int) else size[0]), int(config["embed_dim"])
 
 
@@ -54,7 +54,7 @@ def create_clip(config: ModelConfig) -> CLIP:
     pretrained = weights_of_run(config.init_from, config.name) if config.init_from else config.pretrained
     if pretrained and (is_remote(pretrained) or Path(pretrained).suffix):
         pretrained = fetch_to_local(pretrained)
-    return open_clip.create_model(config.name, pretrained=pretrained)
+    return open_clip.create_model(config.name, pretrained=pretrained, force_image_size=config.image_size)
 
 
 @dataclass

@@ -152,7 +152,7 @@ def export_embeddings(data: InferenceInput, data_uri: str, model: ModelConfig, o
                    filesystem=filesystem)
     record = {
         "model": {"name": model.name, "checkpoint": model.init_from, "pretrained": model.pretrained},
-        "dimension": model_shape(model.name)[1], "dtype": config.dtype, "parts": list(config.parts),
+        "dimension": model_shape(model)[1], "dtype": config.dtype, "parts": list(config.parts),
         "data": data_uri, "source": data.source, "counts": counts,
         "config": {"embed": dataclasses.asdict(config), "inference": dataclasses.asdict(inference)},
         "seconds": round(time.perf_counter() - started, 1),

@@ -66,7 +66,7 @@ class _ModelActor:
         if self.device.type == "cpu":
             torch.set_num_threads(threads)  # Ray would give the actor's torch one thread per logical CPU it holds
         self.model = HarmoCLIP(create_clip(model), MethodConfig()).eval().to(self.device)
-        self.dtype, self.type = dtype, embedding_type(model_shape(model.name)[1], dtype)
+        self.dtype, self.type = dtype, embedding_type(model_shape(model)[1], dtype)
 
     def _arrow(self, features: Optional[torch.Tensor]) -> pa.Array:
         return to_arrow(features, self.dtype) if features is not None else pa.array([], self.type)
@@ -167,7 +167,7 @@ def image_embeddings(data: InferenceInput, model: ModelConfig, config: Inference
     images keep their row with null embeddings and a reject reason."""
     dataset = (data.images
                .map_batches(decode_stage, batch_format="pyarrow", batch_size=config.batch_size,
-                            fn_kwargs={"image_size": model_shape(model.name)[0], "regions": regions, "crops": crops})
+                            fn_kwargs={"image_size": model_shape(model)[0], "regions": regions, "crops": crops})
                .map_batches(embedder, batch_format="pyarrow", batch_size=config.batch_size,
                             fn_constructor_kwargs={"model": model, "regions": regions is not None, "crops": crops,
                                                    "dtype": dtype, "threads": _threads(config)},

@@ -121,7 +121,7 @@ def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path)
     score R@1 = 1 both ways: anything that misaligns captions, images or ids in the Ray Data path
     (order, rejected rows, batching) breaks it."""
     _numbered_coco(tmp_path / "numbered")
-    dim = model_shape("harmo-micro")[1]
+    dim = model_shape(ModelConfig(name="harmo-micro"))[1]
 
     class OracleImages(ImageEmbedder):
         def encode(self, pixels: torch.Tensor, dense: bool) -> ImageFeatures:

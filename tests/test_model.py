@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import open_clip
 import pytest
 import torch
@@ -9,9 +12,10 @@ import torch.nn.functional as F
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
 from harmoclip.batch import synthetic_batch
-from harmoclip.checkpoint import load_checkpoint, save_open_clip_weights, write_checkpoint
+from harmoclip.checkpoint import load_checkpoint, model_to_use, save_open_clip_weights, write_checkpoint
+from harmoclip.cli import add_inference_model_arguments, inference_model_from_args
 from harmoclip.optim import adamw, apply_gradients, warmup_cosine
-from harmoclip.model import pool_regions, pool_token_spans
+from harmoclip.model import model_shape, pool_regions, pool_token_spans
 from tests.conftest import TEST_MODEL
 
 
@@ -180,3 +184,20 @@ def test_checkpoint_restores_weights_optimizer_scheduler_and_temperatures_exactl
             assert torch.equal(saved_state[key][field], loaded_state[key][field]), (key, field)
     assert restored_scheduler.state_dict() == scheduler.state_dict()
     assert set(restored.loss_parameters()) == {"lrc_logit_scale", "gr_logit_scale"}  # compared with the rest above
+
+
+def test_image_size_is_one_flag_for_every_job_and_a_run_keeps_its_own(micro_weights, tmp_path):
+    """--image-size builds the model at that side (position embedding interpolated from weights
+    made at 32 px), decode tasks resize to it, and a run folder that recorded it is loaded at it."""
+    model = ModelConfig(name="harmo-micro", pretrained=micro_weights, image_size=48)
+    assert tuple(create_clip(model).visual.image_size) == (48, 48)
+    assert model_shape(model) == (48, 32) and model_shape(ModelConfig(name="harmo-micro")) == (32, 32)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "harmoclip.json").write_text(json.dumps({"model": {"name": "harmo-micro", "image_size": 48}}))
+    assert model_to_use(str(run), None, None).image_size == 48
+    assert model_to_use(str(run), None, None, image_size=64).image_size == 64
+    parser = argparse.ArgumentParser()
+    add_inference_model_arguments(parser)
+    args = parser.parse_args(["--checkpoint", micro_weights, "--model", "harmo-micro", "--image-size", "40"])
+    assert inference_model_from_args(args) == ModelConfig(name="harmo-micro", pretrained=micro_weights, image_size=40)
