@@ -224,13 +224,14 @@ class InferenceConfig:
     """How Ray Data runs a model over images and captions (jobs.evaluate, jobs.embed)."""
 
     batch_size: int = _help("Images (or captions) per inference batch.", default=64)
-    actors: int = _help(
-        "Model actors per stage; each loads the model once (with --gpu, one GPU each).", default=1)
+    actors: Optional[int] = _help(
+        "Model actors per stage; each loads the model once (with --gpu, one GPU each). Default: one "
+        "per GPU of the cluster with --gpu, else 1.", default=None)
     gpu: bool = _help("Run the model actors on GPUs (one per actor); decoding stays on CPU tasks.",
                       default=False)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.actors < 1:
+        if self.batch_size < 1 or (self.actors is not None and self.actors < 1):
             raise ValueError(f"batch_size and actors must be >= 1, got {self.batch_size} and {self.actors}")
 
 

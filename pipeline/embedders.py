@@ -148,15 +148,22 @@ class TextEmbedder(_ModelActor):
         return self.model.encode_text(self.tokenizer(captions).to(self.device))[0]
 
 
+def actor_count(config: InferenceConfig) -> int:
+    """--actors, or one per GPU of the cluster with --gpu, else 1."""
+    if config.actors:
+        return config.actors
+    return max(1, int(ray.cluster_resources().get("GPU", 0))) if config.gpu else 1
+
+
 def _actor_pool(config: InferenceConfig) -> dict:
-    return {"compute": ActorPoolStrategy(size=config.actors), "num_gpus": 1 if config.gpu else 0}
+    return {"compute": ActorPoolStrategy(size=actor_count(config)), "num_gpus": 1 if config.gpu else 0}
 
 
 def _threads(config: InferenceConfig) -> int:
     """On CPU an actor's torch gets this node's cores shared among the actors: Ray would hold it to
     one thread per logical CPU it reserves, and reserving them all would leave none for the decode
     tasks that feed it."""
-    return max(1, len(os.sched_getaffinity(0)) // config.actors)
+    return max(1, len(os.sched_getaffinity(0)) // actor_count(config))
 
 
 def image_embeddings(data: InferenceInput, model: ModelConfig, config: InferenceConfig,

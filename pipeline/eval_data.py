@@ -59,7 +59,7 @@ def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
     skipped.update(r for r in captions["reject_reason"].to_pylist() if r)
     captions = captions.filter(pc.is_null(captions["reject_reason"]))
     kept = pc.is_in(captions["image_id"], value_set=pa.array(image_ids, pa.string()))
-    skipped["caption_of_skipped_image"] += captions.num_rows - pc.sum(kept).as_py() if captions.num_rows else 0
+    skipped["image_rejected"] += captions.num_rows - pc.sum(kept).as_py() if captions.num_rows else 0
     captions = captions.filter(kept)
     texts, text_to_image = [], []
     progress = Progress("captions embedded", captions.num_rows)

@@ -138,3 +138,29 @@ def test_s3_in_and_out_with_float16(local_run, micro_weights, coco, s3_server, b
     with filesystem.open_input_stream(f"{bucket}/embeddings/embeddings.json") as stream:
         assert json.loads(stream.read())["counts"]["rejected_by_reason"] == \
             local_record["counts"]["rejected_by_reason"]
+
+
+def test_prepared_dataset_with_grid_boxes_and_manifest_with_felzenszwalb(ray_local, prepared, micro_weights, coco,
+                                                                         tmp_path):
+    """The other sources and box methods: a prepared dataset (one image row kept per image, however
+    many caption rows) with the multi-scale grid, and a manifest (no ground truth) with
+    felzenszwalb segments."""
+    argv = ["--checkpoint", micro_weights, "--model", "harmo-micro", "--what", "image,regions"]
+    record = embed_job.main([*argv, "--data", prepared, "--out", str(tmp_path / "grid"), "--regions", "grid"])
+    images = pq.read_table(tmp_path / "grid" / "images")
+    assert record["counts"]["images_in"] == images.num_rows == 16 and record["counts"]["images_rejected"] == 0
+    assert images["image_id"].to_pylist() == sorted(images["image_id"].to_pylist())  # the dataset's order
+    assert {len(boxes) for boxes in images["boxes"].to_pylist()} == {20}  # 30 grid cells, capped at --max-regions
+    assert images["box_labels"].to_pylist()[0] == [None] * 20
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(coco / "images" / f"{i:04d}.png"), "caption": f"shape {i}"})
+                                + "\n" for i in range(1, 4)))
+    with pytest.raises(SystemExit):  # a manifest has no ground-truth boxes
+        embed_job.main([*argv, "--data", str(manifest), "--out", str(tmp_path / "gt")])
+    record = embed_job.main([*argv, "--data", str(manifest), "--out", str(tmp_path / "segments"),
+                             "--regions", "felzenszwalb", "--min-region-size", "0.1"])
+    segments = pq.read_table(tmp_path / "segments" / "images")
+    assert segments.num_rows == 3 and record["counts"]["boxes"] == sum(len(b) for b in segments["boxes"].to_pylist())
+    assert all(boxes for boxes in segments["boxes"].to_pylist())  # every image has its two shapes segmented
+    assert segments["width"].to_pylist() == [80, 80, 80]

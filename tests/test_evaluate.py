@@ -140,6 +140,6 @@ def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path)
     recall = retrieval_recall(embeddings.images, embeddings.texts, embeddings.text_to_image)
     assert recall["i2t"]["r1"] == 1.0 and recall["t2i"]["r1"] == 1.0
     assert embeddings.images.shape[0] == 11 and embeddings.texts.shape[0] == 22
-    assert embeddings.skipped == {"caption_of_skipped_image": 2, "corrupt_image": 1, "empty_caption": 1}
+    assert embeddings.skipped == {"image_rejected": 2, "corrupt_image": 1, "empty_caption": 1}
     assert embeddings.regions.shape == (11, dim) and embeddings.labels.tolist() == [1] * 11
     assert DataContext.get_current().execution_options.preserve_order == global_context
