@@ -53,6 +53,8 @@ def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
         regions.append(to_numpy(batch["region_embeddings"], nested=True))
         crops.append(to_numpy(batch["crop_embeddings"], nested=True))
         labels.append(pc.list_flatten(batch["box_labels"]).to_numpy(zero_copy_only=False))
+    if not image_ids:
+        raise DatasetError(f"no usable image to evaluate on (left out: {dict(skipped)})")
     index_of = {image_id: i for i, image_id in enumerate(image_ids)}
 
     captions = data.captions
@@ -68,8 +70,6 @@ def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
         progress.add(batch.num_rows)
         texts.append(to_numpy(batch["caption_embedding"]))
         text_to_image += [index_of[image_id] for image_id in batch["image_id"].to_pylist()]
-    if not image_ids:
-        raise DatasetError(f"no usable image to evaluate on (left out: {dict(skipped)})")
 
     def stack(parts: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0)

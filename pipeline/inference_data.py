@@ -27,7 +27,7 @@ from .dataset import DatasetError, read_dataset_manifest, shard_files
 from .images import Rejected, read_checked, to_rgb
 from .prepare import DATASET_FILE
 from .regions import GT_BOX_TYPE, BoxCounts, normalise_xywh, propose
-from .sources import IMAGE_ROW_SCHEMA, categories, find_source, read_image_rows
+from .sources import IMAGE_ROW_SCHEMA, blank_caption, categories, find_source, read_image_rows
 
 MAX_PIXELS = PrepareConfig().max_pixels
 BOX_TYPE = pa.list_(pa.float32(), 4)  # normalised x0, y0, x1, y1
@@ -67,8 +67,8 @@ def _caption_rows(image_rows: pa.Table) -> pa.Table:
         for caption in image["captions"]:
             text = caption["caption"]
             reason, detail = image["reject_reason"], image["reject_detail"]
-            if reason is None and (text is None or not text.strip()):
-                reason, detail = "empty_caption", f"caption {text!r} is empty or whitespace"
+            if reason is None:
+                reason, detail = blank_caption(text) or (None, None)
             rows.append({"sample_id": caption["sample_id"], "image_id": image["image_key"], "caption": text,
                          "reject_reason": reason, "reject_detail": detail})
     return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)

@@ -32,7 +32,7 @@ from harmoclip.storage import is_remote, join, resolve
 from .images import decode_stage
 from .lexemes import LEXEME_TYPE, LexemeParser
 from .regions import GT_BOX_TYPE, REGION_TYPE, region_stage
-from .sources import Source, SourceError, categories, read_image_rows
+from .sources import Source, SourceError, blank_caption, categories, read_image_rows
 
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"
@@ -66,8 +66,8 @@ def explode_stage(batch: pa.Table) -> pa.Table:
         for n, caption in enumerate(image["captions"]):
             text = caption["caption"]
             reason, detail = image["reject_reason"], image["reject_detail"]
-            if reason is None and (text is None or not text.strip()):
-                reason, detail = "empty_caption", f"caption {text!r} is empty or whitespace"
+            if reason is None:
+                reason, detail = blank_caption(text) or (None, None)
             rows.append({
                 "sample_id": caption["sample_id"], "image_id": image["image_key"], "image_uri": image["image_uri"],
                 "image": None if reason else image["image"], "width": image["width"], "height": image["height"],

@@ -112,6 +112,13 @@ def _coco_section(document: Any, uri: str, key: str, fields: Iterable[str]) -> l
     return _require(document[key], uri, key, fields)
 
 
+def blank_caption(text: Optional[str]) -> Optional[tuple[str, str]]:
+    """The reject (reason, detail) of a caption with no text, or None: one rule for every job."""
+    if text is None or not text.strip():
+        return "empty_caption", f"caption {text!r} is empty or whitespace"
+    return None
+
+
 def sample_id(source_name: str, image_key: str, caption_index: int) -> str:
     """Stable across runs and machines: source + image + caption index."""
     return hashlib.blake2b(f"{source_name}|{image_key}|{caption_index}".encode(), digest_size=8).hexdigest()

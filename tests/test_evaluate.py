@@ -143,3 +143,19 @@ def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path)
     assert embeddings.skipped == {"image_rejected": 2, "corrupt_image": 1, "empty_caption": 1}
     assert embeddings.regions.shape == (11, dim) and embeddings.labels.tolist() == [1] * 11
     assert DataContext.get_current().execution_options.preserve_order == global_context
+
+
+def test_a_set_without_one_readable_image_is_refused_with_the_reasons(ray_local, weights, tmp_path, capsys):
+    root = tmp_path / "broken"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(b"not a png")
+    images = [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "gone.png"}]
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": [
+        {"id": 1, "image_id": 1, "caption": "a shape"}, {"id": 2, "image_id": 2, "caption": "another"}]}))
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": [],
+                                                     "categories": [{"id": 1, "name": "patch"}]}))
+    with pytest.raises(SystemExit) as refused:
+        evaluate_job.main(["--checkpoint", weights, "--model", "harmo-micro", "--data", str(root)])
+    assert refused.value.code == 2
+    assert "no usable image to evaluate on (left out: {'corrupt_image': 1, 'missing_image': 1})" in \
+        capsys.readouterr().err
