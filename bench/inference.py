@@ -28,7 +28,7 @@ import torch
 
 from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
 from harmoclip.config import PrepareConfig
-from harmoclip.model import model_shape, pool_regions
+from harmoclip.model import model_shape, pad_boxes, pool_regions
 from harmoclip.pixels import normalise
 from pipeline.inference_data import decode_stage, read_inference_input
 from pipeline.synthetic import write_shapes_dataset
@@ -67,13 +67,7 @@ def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gp
     mean, std = preprocess["mean"], preprocess["std"]
     inputs = []
     for batch in decoded:
-        boxes = batch["boxes"].to_pylist()
-        slots = max(len(b) for b in boxes)
-        box_tensor = torch.zeros(len(boxes), slots, 4)
-        box_mask = torch.zeros(len(boxes), slots, dtype=torch.bool)
-        for i, image_boxes in enumerate(boxes):
-            box_tensor[i, : len(image_boxes)] = torch.tensor(image_boxes)
-            box_mask[i, : len(image_boxes)] = True
+        box_tensor, box_mask = pad_boxes(batch["boxes"].to_pylist())
         crop_pixels = _tensor([c for c in batch["crops"].to_pylist() if c], size, mean, std, device) if crops else None
         inputs.append((_tensor(batch["pixels"].to_pylist(), size, mean, std, device), box_tensor.to(device),
                        box_mask.to(device), crop_pixels))

@@ -12,6 +12,7 @@ step function in one process over batches decoded beforehand. Target: Ray-fed >=
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -73,7 +74,7 @@ def measure(tmp: str, images: int, steps: int, batch_size: int, model_name: str,
     memory = in_memory_rate(f"{tmp}/prepared", model_config, method, base)
     rows = [("in-memory tensors, 1 process", memory, 1.0)]
     for count in workers:
-        train = TrainConfig(**{**base.__dict__, "workers": count})
+        train = dataclasses.replace(base, workers=count)
         rate = train_job.run(f"{tmp}/prepared", f"{tmp}/run-{count}", model_config, method, train)["wall_samples_per_s"]
         feed_cpus = ray.cluster_resources().get("CPU", 0) - count
         rows.append((f"Ray Data -> Ray Train, {count} {'GPU ' if gpu else ''}worker(s), "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import open_clip
 import torch
@@ -80,6 +80,19 @@ def pool_regions(dense: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tenso
     regions = dense.new_zeros(batch, boxes.shape[1], dim)
     regions[batch_index, box_index] = F.normalize(pooled, dim=-1)
     return regions
+
+
+def pad_boxes(boxes: Sequence[Sequence[Sequence[float]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image lists of normalised xyxy boxes -> (B, K, 4) boxes and their (B, K) mask, K the
+    longest list: the input pool_regions takes."""
+    slots = max((len(image_boxes) for image_boxes in boxes), default=0)
+    box_tensor = torch.zeros(len(boxes), slots, 4)
+    box_mask = torch.zeros(len(boxes), slots, dtype=torch.bool)
+    for i, image_boxes in enumerate(boxes):
+        if len(image_boxes):
+            box_tensor[i, : len(image_boxes)] = torch.tensor(image_boxes)
+            box_mask[i, : len(image_boxes)] = True
+    return box_tensor, box_mask
 
 
 def pool_token_spans(tokens: torch.Tensor, spans: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:

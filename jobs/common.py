@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import ray
 
@@ -90,3 +93,15 @@ def run_storage(out: str) -> tuple[str, str, object]:
     filesystem, path = resolve(out)
     parent, _, name = path.rstrip("/").rpartition("/")
     return parent or "/", name, filesystem
+
+
+@contextmanager
+def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
+    """Bad input a person can fix (a missing file, a malformed dataset, a flag value out of range)
+    ends a job with `error: ...` on stderr and exit code 2 instead of a traceback; any other
+    exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except kinds as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err

@@ -14,13 +14,12 @@ A non-empty OUT is refused unless --overwrite.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from harmoclip.cli import add_config_arguments, add_inference_model_arguments, config_from_args, \
     inference_model_from_args
 from harmoclip.config import EmbedConfig, InferenceConfig
-from jobs.common import add_verbose_argument, init_ray, set_verbose
+from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from pipeline.dataset import DatasetError
 from pipeline.embed import export_embeddings
 from pipeline.inference_data import read_inference_input
@@ -60,15 +59,12 @@ def summary(record: dict[str, Any], out: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
-    try:
+    with user_errors(DatasetError, DestinationError, SourceError, ValueError, FileNotFoundError):
         model = inference_model_from_args(args)
         config, inference = config_from_args(args, EmbedConfig), config_from_args(args, InferenceConfig)
         init_ray()
         data = read_inference_input(args.data, proposals=config.proposals, batch_size=inference.batch_size)
         record = export_embeddings(data, args.data, model, args.out, config, inference, overwrite=args.overwrite)
-    except (DatasetError, DestinationError, SourceError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
     print(summary(record, args.out))
     return record
 

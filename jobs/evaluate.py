@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import open_clip
@@ -33,7 +32,7 @@ from harmoclip.config import InferenceConfig
 from harmoclip.metrics import (DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall,
                                vocabulary_labels)
 from harmoclip.storage import read_text, write_bytes
-from jobs.common import add_verbose_argument, init_ray, set_verbose
+from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from pipeline.dataset import DatasetError
 from pipeline.eval_data import gather
 from pipeline.inference_data import read_inference_input
@@ -147,14 +146,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
-    try:
+    with user_errors(DatasetError, SourceError, ValueError, FileNotFoundError):
         model = inference_model_from_args(args)
         init_ray()
         results = evaluate(model, args.data, config=config_from_args(args, InferenceConfig), classes=args.classes,
                            templates=args.templates)
-    except (DatasetError, SourceError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
     print(format_table(results))
     if args.out:
         write_bytes(args.out, json.dumps(results, indent=2).encode())

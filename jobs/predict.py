@@ -33,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -44,6 +43,7 @@ from harmoclip.config import PrepareConfig
 from harmoclip.metrics import DEFAULT_TEMPLATES, check_class_names
 from harmoclip.predict import BoxLabels, Predictor
 from harmoclip.storage import join, read_text, write_bytes
+from jobs.common import user_errors
 from jobs.drawing import BOX_COLOURS, image_figure, png_bytes, show_boxes, show_heatmap
 from jobs.evaluate import read_templates, read_vocabulary
 from pipeline.images import Rejected, read_checked, to_rgb
@@ -225,11 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    try:
+    with user_errors(ValueError, OSError):
         predictions = predict(args)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
     print(format_table(predictions))
     written = ["predictions.json", "predictions.png", *(q["heatmap"] for q in predictions["queries"])]
     print(f"wrote {', '.join(join(args.out, name) for name in written)}")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from harmoclip.cli import add_config_arguments, config_from_args
 from harmoclip.config import PrepareConfig
-from jobs.common import add_verbose_argument, init_ray, set_verbose
+from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from pipeline.prepare import DestinationError, prepare
 from pipeline.sources import SourceError, find_source
 
@@ -43,16 +42,13 @@ def main(argv: list[str] | None = None) -> dict:
     set_verbose(args.verbose)
     if not args.input and not args.captions:
         raise SystemExit("error: give --input SRC, or --images and --captions for the real COCO layout")
-    try:
+    with user_errors(SourceError, DestinationError, ValueError):
         config = config_from_args(args, PrepareConfig)
         source = find_source(args.input or "", images=args.images, captions=args.captions,
                              instances=args.instances, image_column=args.image_column,
                              caption_column=args.caption_column)
         init_ray()
         manifest = prepare(source, args.out, config, overwrite=args.overwrite)
-    except (SourceError, DestinationError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
     print(json.dumps(manifest["counts"], indent=2))
     print(f"wrote {args.out}")
     return manifest

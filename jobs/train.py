@@ -37,7 +37,7 @@ from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
 from harmoclip.storage import join, resolve, upload_directory
 from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray, log_level,
-                         quiet_libraries, run_storage, set_verbose)
+                         quiet_libraries, run_storage, set_verbose, user_errors)
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.sampling import DatasetIndex, Schedule
 from pipeline.dataset import DatasetError
@@ -269,15 +269,12 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
-    try:
+    with user_errors(DatasetError, ValueError, FileNotFoundError):
         model = model_from_args(args)
         method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
         init_ray()
         check_cluster_storage(args.out, args.shared_fs)
         metrics = run(args.data, args.out, model, method, train)
-    except (DatasetError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
     print(summary_line(metrics))
     return metrics
 

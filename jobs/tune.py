@@ -30,7 +30,7 @@ from harmoclip.storage import is_remote, join, write_bytes
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
 from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray,
-                         quiet_libraries, run_storage, set_verbose)
+                         quiet_libraries, run_storage, set_verbose, user_errors)
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.dataset import DatasetError
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
     sweep = args.out.rstrip("/") if is_remote(args.out) else os.path.abspath(args.out)
-    try:
+    with user_errors(DatasetError, ValueError, FileNotFoundError, OSError):
         model = model_from_args(args)
         method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
         tracking_uri = train.mlflow_uri or default_tracking_uri(join(sweep, "trials"))
@@ -199,9 +199,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                           verbose=1 if args.verbose else 0),
             )
         grid = tuner.fit()
-    except (DatasetError, ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
 
     rows = []
     for result in grid:

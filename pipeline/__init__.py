@@ -1,7 +1,15 @@
 """Ray Data stages that turn image-caption data into prepared Parquet (schema v1), and the readers
 that feed training and evaluation from it."""
 
+import pyarrow as pa
 import ray.data
+
+
+def dataset_of(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    """A driver-side table as a Ray Dataset of blocks of `rows_per_block` rows, so the stages
+    that follow get batches of that size in parallel instead of one block holding everything."""
+    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+                               or [table])
 
 
 def report_progress_to_log(dataset: ray.data.Dataset) -> ray.data.Dataset:

@@ -22,9 +22,10 @@ from ray.data import ActorPoolStrategy
 
 from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
 from harmoclip.config import InferenceConfig, PrepareConfig
-from harmoclip.model import ImageFeatures, model_shape, pool_regions
+from harmoclip.model import ImageFeatures, model_shape, pad_boxes, pool_regions
 from harmoclip.pixels import normalise
 
+from . import dataset_of
 from .inference_data import InferenceInput, decode_stage
 
 DTYPES = {"float32": (np.float32, pa.float32()), "float16": (np.float16, pa.float16())}
@@ -95,8 +96,8 @@ class ImageEmbedder(_ModelActor):
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        accepted = pc.is_valid(batch["pixels"]).to_pylist()
-        rows = batch.filter(pc.is_valid(batch["pixels"]))
+        valid = pc.is_valid(batch["pixels"])
+        accepted, rows = valid.to_pylist(), batch.filter(valid)
         features = self.encode(self._pixels(rows["pixels"].to_pylist()), dense=self.regions) if rows.num_rows else None
         out = batch.drop_columns(["pixels", "crops"]).append_column(
             "image_embedding", _in_place(self._arrow(features.global_ if features else None), accepted))
@@ -117,15 +118,8 @@ class ImageEmbedder(_ModelActor):
         boxes = rows["boxes"].to_pylist()
         if features is None or not any(boxes):
             return None
-        slots = max(len(b) for b in boxes)
-        box_tensor = torch.zeros(len(boxes), slots, 4)
-        box_mask = torch.zeros(len(boxes), slots, dtype=torch.bool)
-        for i, image_boxes in enumerate(boxes):
-            if image_boxes:
-                box_tensor[i, : len(image_boxes)] = torch.tensor(image_boxes)
-                box_mask[i, : len(image_boxes)] = True
-        box_mask = box_mask.to(self.device)
-        return pool_regions(features.dense, box_tensor.to(self.device), box_mask)[box_mask]
+        box_tensor, box_mask = (t.to(self.device) for t in pad_boxes(boxes))
+        return pool_regions(features.dense, box_tensor, box_mask)[box_mask]
 
     def _crops(self, rows: pa.Table) -> Optional[torch.Tensor]:
         blobs = [blob for blob in rows["crops"].to_pylist() if blob]
@@ -186,8 +180,7 @@ def image_embeddings(data: InferenceInput, model: ModelConfig, config: Inference
 def caption_embeddings(captions: pa.Table, model: ModelConfig, config: InferenceConfig, dtype: str = "float32",
                        embedder: type = TextEmbedder) -> ray.data.Dataset:
     """Lazy stream of `captions` (sample_id, image_id, caption) with `caption_embedding`, in order."""
-    chunks = [captions.slice(i, config.batch_size) for i in range(0, captions.num_rows, config.batch_size)]
-    dataset = ray.data.from_arrow(chunks or [captions]).map_batches(
+    dataset = dataset_of(captions, config.batch_size).map_batches(
         embedder, batch_format="pyarrow", batch_size=config.batch_size,
         fn_constructor_kwargs={"model": model, "dtype": dtype, "threads": _threads(config)}, **_actor_pool(config))
     dataset.context.execution_options.preserve_order = True

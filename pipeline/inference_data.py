@@ -23,6 +23,7 @@ from harmoclip.config import PrepareConfig
 from harmoclip.pixels import squash
 from harmoclip.storage import join, resolve
 
+from . import dataset_of
 from .dataset import DatasetError, read_dataset_manifest, shard_files
 from .images import Rejected, read_checked, to_rgb
 from .prepare import DATASET_FILE
@@ -83,17 +84,16 @@ def _from_source(uri: str, proposals: Optional[str], batch_size: int) -> Inferen
         "gt_boxes": rows["gt_boxes"], "proposals": rows["proposals"],
         "reject_reason": rows["reject_reason"], "reject_detail": rows["reject_detail"],
     }, schema=IMAGE_INPUT_SCHEMA)
-    chunks = [images.slice(i, batch_size) for i in range(0, images.num_rows, batch_size)] or [images]
-    return InferenceInput(ray.data.from_arrow(chunks), _caption_rows(rows), categories(source.instances),
+    return InferenceInput(dataset_of(images, batch_size), _caption_rows(rows), categories(source.instances),
                           images.num_rows, has_gt_boxes=source.instances is not None,
                           source={"captions": source.captions, "images": source.images,
                                   "instances": source.instances})
 
 
-def _first_row_per_image(batch: pa.Table, first_samples: frozenset[str]) -> pa.Table:
-    """A prepared dataset repeats the image on each caption's row: keep one row per image."""
-    keep = pc.is_in(batch["sample_id"], value_set=pa.array(sorted(first_samples), pa.string()))
-    rows = batch.filter(keep)
+def _first_row_per_image(batch: pa.Table, first_samples: pa.Array) -> pa.Table:
+    """A prepared dataset repeats the image on each caption's row: keep one row per image
+    (`first_samples`: the sample ids of each image's first row)."""
+    rows = batch.filter(pc.is_in(batch["sample_id"], value_set=first_samples))
     return pa.table({
         "image_id": rows["image_id"], "image_uri": rows["image_uri"], "image": rows["image"],
         "boxes": rows["gt_boxes"], "gt_boxes": pa.nulls(rows.num_rows, IMAGE_INPUT_SCHEMA.field("gt_boxes").type),
@@ -107,17 +107,17 @@ def _from_prepared(uri: str) -> InferenceInput:
     filesystem, files = shard_files(uri)
     metadata = pa.concat_tables(pq.read_table(file, filesystem=filesystem,
                                               columns=["sample_id", "image_id", "caption"]) for file in files)
-    first_samples, seen = set(), set()
+    first_samples, seen = [], set()
     for sample, image in zip(metadata["sample_id"].to_pylist(), metadata["image_id"].to_pylist()):
         if image not in seen:
             seen.add(image)
-            first_samples.add(sample)
+            first_samples.append(sample)
     captions = metadata.append_column("reject_reason", pa.nulls(metadata.num_rows, pa.string())) \
         .append_column("reject_detail", pa.nulls(metadata.num_rows, pa.string()))
     images = ray.data.read_parquet(files, filesystem=filesystem,
                                    columns=["sample_id", "image_id", "image_uri", "image", "gt_boxes"]) \
         .map_batches(_first_row_per_image, batch_format="pyarrow", batch_size=None,
-                     fn_kwargs={"first_samples": frozenset(first_samples)})
+                     fn_kwargs={"first_samples": pa.array(first_samples, pa.string())})
     return InferenceInput(images, captions.cast(CAPTION_SCHEMA), manifest.get("categories", []), len(seen),
                           has_gt_boxes=manifest.get("source", {}).get("instances") is not None,
                           source={"prepared": uri})

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
 import spacy
 from ray.data import ActorPoolStrategy, SaveMode
 from ray.data.datasource import FilenameProvider
@@ -29,6 +28,7 @@ from harmoclip.config import PrepareConfig
 from harmoclip.model import register_tiny_configs
 from harmoclip.storage import is_remote, join, resolve
 
+from . import dataset_of
 from .images import decode_stage
 from .lexemes import LEXEME_TYPE, LexemeParser
 from .regions import GT_BOX_TYPE, REGION_TYPE, region_stage
@@ -168,9 +168,8 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
     if rows_in == 0:
         raise SourceError(f"{source.captions}: no captions found")
 
-    chunks = [images.slice(i, config.batch_size) for i in range(0, images.num_rows, config.batch_size)]
     dataset = (
-        ray.data.from_arrow(chunks)
+        dataset_of(images, config.batch_size)
         .map_batches(decode_stage, batch_format="pyarrow", batch_size=config.batch_size,
                      fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
                                 "image_format": config.image_format})
