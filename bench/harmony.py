@@ -10,10 +10,14 @@ evaluated on val through jobs.evaluate. DIR/harmony.json holds every run:
 and the printed table gives per config the mean and standard deviation over seeds of mean R@1
 and box top-1, and the paired difference to gc_only (same seed) with a 95% t interval.
 gc_only, region_only (LRC without GC) and harmoclip (the shipped defaults) are always run;
---configs adds others as NAME:FIELD=VALUE,FIELD=VALUE (MethodConfig fields, as in --help).
+--configs adds others as NAME[:FIELD=VALUE,FIELD=VALUE] (MethodConfig fields, as in --help): a
+NAME that is a preset of harmoclip.presets (paper, lrc_only, l2sp, ...) starts from that preset,
+any other NAME from the shipped default. --wise CONFIG adds WiSE-FT arms CONFIG_wiseA: each run
+of CONFIG blended with the base at alpha A (jobs.interpolate), evaluated, no training.
 Runs already in DIR are kept, so an interrupted study continues where it stopped.
 
-    .venv/bin/python -m bench.harmony --seeds 0 1 2 --configs lrc_only:lambda_gr=0 --out outputs/harmony
+    .venv/bin/python -m bench.harmony --seeds 0 1 2 --configs paper lrc_only --wise lrc_only --out outputs/harmony
+    .venv/bin/python -m bench.harmony --real ../shared/data/coco-real --seeds 0 1 2 --out outputs/real
 """
 
 from __future__ import annotations
@@ -32,16 +36,19 @@ from scipy import stats
 from harmoclip import MethodConfig
 from harmoclip.cli import config_from_args, parse_field_value
 from harmoclip.config import TrainConfig
+from harmoclip.presets import DEFAULT_METHOD, METHOD_PRESETS
 from jobs.common import add_verbose_argument, init_ray, set_verbose
+from jobs.interpolate import write_blend
 from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, evaluate_cached,
                          finetune_and_evaluate, mean_r1, prepare_data, regime_from_args, run_dir, train_base,
                          write_holdout)
 
 BASELINE = "gc_only"
+WISE_ALPHAS = (0.25, 0.5, 0.75)
 
 
 def parse_config(text: str) -> tuple[str, MethodConfig]:
-    """`NAME:field=value,field=value` -> (NAME, MethodConfig with those overrides)."""
+    """`NAME[:field=value,...]` -> (NAME, the preset NAME, or the default, with those overrides)."""
     name, _, overrides = text.partition(":")
     hints = typing.get_type_hints(MethodConfig)
     fields = {f.name for f in dataclasses.fields(MethodConfig)}
@@ -51,7 +58,7 @@ def parse_config(text: str) -> tuple[str, MethodConfig]:
         if key not in fields:
             raise SystemExit(f"error: --configs {text}: {key!r} is not a MethodConfig field ({sorted(fields)})")
         values[key] = parse_field_value(hints[key], value)
-    return name, MethodConfig(**values)
+    return name, dataclasses.replace(METHOD_PRESETS.get(name, METHOD_PRESETS[DEFAULT_METHOD]), **values)
 
 
 def paired(values: list[float], baseline: list[float]) -> tuple[float, float]:
@@ -65,28 +72,34 @@ def paired(values: list[float], baseline: list[float]) -> tuple[float, float]:
 def summary_table(study: dict[str, Any], split: str = "val") -> str:
     """Per config: mean +- sd over seeds, and the paired difference to the baseline (points)."""
     base_runs = {run["seed"]: run[split] for run in study["configs"][BASELINE]["runs"] if split in run}
-    lines = ["| config | seeds | mean R@1 | box top-1 | d mean R@1 vs gc_only (95% CI) | d box top-1 (95% CI) |",
-             "|---|---|---|---|---|---|"]
+    metrics = {"mean R@1": mean_r1, "box top-1": lambda r: r["box"]["top1"],
+               "box mean/class": lambda r: r["box"]["macc1"]}
+    lines = ["| config | seeds | " + " | ".join(metrics) + " | "
+             + " | ".join(f"d {m} vs gc_only (95% CI)" for m in metrics) + " |",
+             "|---|---|" + "---|" * 2 * len(metrics)]
     if split in study.get("base_results", {}):
         base = study["base_results"][split]
-        lines.append(f"| base (no fine-tuning) | - | {100 * mean_r1(base):.1f} | {100 * base['box']['top1']:.1f} | | |")
+        lines.append("| base (no fine-tuning) | - | " + " | ".join(f"{100 * f(base):.1f}" for f in metrics.values())
+                     + " |" + " |" * len(metrics))
+    sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan"))
     for name, config in study["configs"].items():
         runs = [r for r in config["runs"] if r["seed"] in base_runs and split in r]
         if not runs:
             continue
-        retrieval = [100 * mean_r1(r[split]) for r in runs]
-        box = [100 * r[split]["box"]["top1"] for r in runs]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan"))
-        row = f"| {name} | {len(runs)} | {statistics.fmean(retrieval):.1f} ± {sd(retrieval):.1f} | " \
-              f"{statistics.fmean(box):.1f} ± {sd(box):.1f} |"
+        values = {m: [100 * f(r[split]) for r in runs] for m, f in metrics.items()}
+        row = f"| {name} | {len(runs)} | " + " | ".join(f"{statistics.fmean(v):.1f} ± {sd(v):.1f}"
+                                                       for v in values.values()) + " |"
         if name == BASELINE:
-            lines.append(row + " | |")
+            lines.append(row + " |" * len(metrics))
             continue
-        base_retrieval = [100 * mean_r1(base_runs[r["seed"]]) for r in runs]
-        base_box = [100 * base_runs[r["seed"]]["box"]["top1"] for r in runs]
-        (dr, hr), (db, hb) = paired(retrieval, base_retrieval), paired(box, base_box)
-        lines.append(row + f" {dr:+.1f} ± {hr:.1f} | {db:+.1f} ± {hb:.1f} |")
+        diffs = [paired(values[m], [100 * f(base_runs[r["seed"]]) for r in runs]) for m, f in metrics.items()]
+        lines.append(row + "".join(f" {d:+.1f} ± {h:.1f} |" for d, h in diffs))
     return "\n".join(lines)
+
+
+def brief(results: dict[str, Any]) -> str:
+    return (f"mean R@1 {100 * mean_r1(results):.1f}, box top-1 {100 * results['box']['top1']:.1f} "
+            f"(mean/class {100 * results['box']['macc1']:.1f})")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -96,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     parser.add_argument("--configs", nargs="*", default=[], help="extra configs, NAME:FIELD=VALUE,...")
     parser.add_argument("--only", nargs="*", default=None, help="run only these config names (others are kept)")
+    parser.add_argument("--wise", nargs="*", default=[], metavar="CONFIG",
+                        help=f"WiSE-FT arms: blend each run of CONFIG with the base at alpha "
+                             f"{', '.join(map(str, WISE_ALPHAS))} and evaluate (no training)")
     parser.add_argument("--holdout", action="store_true",
                         help="also evaluate every run on a second validation set drawn differently (other "
                              "seed, image size and captions per image), reported beside val, never used to choose")
@@ -106,15 +122,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = os.path.abspath(args.out)
     regime = regime_from_args(args, config_from_args(args, TrainConfig))
     configs = {**ARMS, **dict(parse_config(text) for text in args.configs)}
+    if set(args.wise) - set(configs):
+        raise SystemExit(f"error: --wise {' '.join(args.wise)}: not a config of this study ({', '.join(configs)})")
+    if args.real and args.holdout:
+        raise SystemExit("error: --holdout draws a synthetic second set; with --real, evaluate the study's "
+                         "checkpoints on your own second set with jobs.evaluate")
     init_ray()
     try:
-        return run_study(out, regime, configs, args.seeds, args.only, args.holdout)
+        return run_study(out, regime, configs, args.seeds, args.only, args.holdout, args.wise)
     except RegimeMismatch as err:
         raise SystemExit(f"error: {err}") from err
 
 
+def record_run(study: dict[str, Any], study_file: str, name: str, method: MethodConfig, record: dict[str, Any],
+               **extra: Any) -> None:
+    """Put one run into the study (replacing an earlier run of that seed) and save the study."""
+    entry = study["configs"].setdefault(name, {"runs": []})
+    entry.update(method=dataclasses.asdict(method), **extra)
+    entry["runs"] = sorted([r for r in entry["runs"] if r["seed"] != record["seed"]] + [record],
+                           key=lambda r: r["seed"])
+    with open(study_file, "w") as handle:
+        json.dump(study, handle, indent=2)
+
+
 def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[int],
-              only: list[str] | None, holdout: bool) -> dict[str, Any]:
+              only: list[str] | None, holdout: bool, wise: list[str] = ()) -> dict[str, Any]:
     tracking_uri = f"sqlite:///{out}/mlflow.db"
     os.makedirs(out, exist_ok=True)
     study_file = f"{out}/harmony.json"
@@ -139,16 +171,24 @@ def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[in
         started = time.monotonic()
         run = run_dir(out, name, seed)
         results = finetune_and_evaluate(run, base, data, configs[name], seed, regime, tracking_uri)
-        entry = study["configs"].setdefault(name, {"runs": []})
-        entry["method"] = dataclasses.asdict(configs[name])
         record = {"seed": seed, "checkpoint": run, "val": results}
         if holdout_data:
             record["holdout"] = evaluate_cached(run, holdout_data, f"{run}/holdout.json")
-        entry["runs"] = sorted([r for r in entry["runs"] if r["seed"] != seed] + [record], key=lambda r: r["seed"])
-        with open(study_file, "w") as handle:
-            json.dump(study, handle, indent=2)
-        print(f"  {number}/{len(todo)} {name} seed {seed}: mean R@1 {100 * mean_r1(results):.1f}, box top-1 "
-              f"{100 * results['box']['top1']:.1f} ({time.monotonic() - started:.0f} s)", flush=True)
+        record_run(study, study_file, name, configs[name], record)
+        print(f"  {number}/{len(todo)} {name} seed {seed}: {brief(results)} ({time.monotonic() - started:.0f} s)",
+              flush=True)
+        if name in wise:
+            for alpha in WISE_ALPHAS:
+                blend_name = f"{name}_wise{alpha:g}"
+                blend = run_dir(out, blend_name, seed)
+                if not os.path.exists(f"{blend}/open_clip_weights.pt"):
+                    write_blend(run, alpha, blend)
+                blended = {"seed": seed, "checkpoint": blend, "val": evaluate_cached(blend, data["val"],
+                                                                                     f"{blend}/results.json")}
+                if holdout_data:
+                    blended["holdout"] = evaluate_cached(blend, holdout_data, f"{blend}/holdout.json")
+                record_run(study, study_file, blend_name, configs[name], blended, wise={"of": name, "alpha": alpha})
+                print(f"    WiSE-FT alpha {alpha:g} of {name} seed {seed}: {brief(blended['val'])}", flush=True)
     print("[3/3] summary on val (points; ± is the standard deviation over seeds, CI the 95% t interval of "
           f"the paired difference)\n{summary_table(study)}\n")
     if holdout_data:

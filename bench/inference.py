@@ -26,9 +26,9 @@ import numpy as np
 import ray
 import torch
 
-from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
+from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.config import PrepareConfig
-from harmoclip.model import model_shape, pad_boxes, pool_regions
+from harmoclip.model import INFERENCE_METHOD, model_shape, pad_boxes, pool_regions
 from harmoclip.pixels import normalise
 from pipeline.inference_data import decode_stage, read_inference_input
 from pipeline.synthetic import write_shapes_dataset
@@ -62,7 +62,7 @@ def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gp
     decoded = [decode_stage(batch, size, GT, crops)
                for batch in read_inference_input(data, batch_size=batch_size).images.iter_batches(
                    batch_format="pyarrow", batch_size=batch_size)]
-    harmo = HarmoCLIP(create_clip(model), MethodConfig()).eval().to(device)
+    harmo = HarmoCLIP(create_clip(model), INFERENCE_METHOD).eval().to(device)
     preprocess = harmo.clip.visual.preprocess_cfg
     mean, std = preprocess["mean"], preprocess["std"]
     inputs = []

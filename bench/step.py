@@ -39,7 +39,7 @@ def _step_fn(model_name: str, method: MethodConfig, batch: dict, seed: int, devi
     torch.manual_seed(seed)
     model = HarmoCLIP(create_clip(ModelConfig(name=model_name)), method).to(device)
     loss_fn = HarmoCLIPLoss(method)
-    optimizer = adamw(model, lr=1e-5, weight_decay=0.1)
+    optimizer = adamw(model, lr=1e-5, weight_decay=0.1, l2sp=method.l2sp)
     scheduler = warmup_cosine(optimizer, warmup_steps=10, total_steps=1000)
 
     def step() -> float:

@@ -45,7 +45,7 @@ def in_memory_rate(data: str, model_config: ModelConfig, method: MethodConfig, t
                    batch_size=train.batch_size, batch_format="numpy")]
     model = HarmoCLIP(clip, method).to(device)
     loss_fn = HarmoCLIPLoss(method)
-    optimizer = adamw(model, train.lr, train.weight_decay)
+    optimizer = adamw(model, train.lr, train.weight_decay, method.l2sp)
     scheduler = warmup_cosine(optimizer, train.warmup_steps, train.steps)
 
     def step(batch: dict) -> None:

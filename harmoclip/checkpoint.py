@@ -95,6 +95,22 @@ def model_to_use(checkpoint: str | None, model_name: str | None, pretrained: str
                        image_size=image_size or trained.get("image_size"))
 
 
+def interpolate_weights(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
+                        alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT: `(1 - alpha) * start + alpha * end` for every floating tensor of two state dicts of
+    one architecture (integer buffers are taken from `end`). torch.lerp is exact at both ends, so
+    alpha 0 gives `start` and alpha 1 gives `end` bit for bit."""
+    if start.keys() != end.keys():
+        raise ValueError(f"the two weights differ in tensors: {sorted(set(start) ^ set(end))[:5]}")
+    blended = {}
+    for name, end_value in end.items():
+        if start[name].shape != end_value.shape:
+            raise ValueError(f"{name}: shape {tuple(start[name].shape)} vs {tuple(end_value.shape)}")
+        blended[name] = (torch.lerp(start[name].to(end_value.dtype), end_value, alpha)
+                         if end_value.is_floating_point() else end_value)
+    return blended
+
+
 def read_training_state(directory: str) -> dict:
     return torch.load(f"{directory}/{STATE_FILENAME}", map_location="cpu", weights_only=True)
 

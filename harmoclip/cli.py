@@ -8,7 +8,8 @@ import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from .checkpoint import model_to_use
-from .config import ModelConfig
+from .config import MethodConfig, ModelConfig
+from .presets import DEFAULT_METHOD, METHOD_PRESETS, method_preset
 
 T = TypeVar("T")
 
@@ -38,20 +39,40 @@ def parse_field_value(annotation: Any, text: str) -> Any:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_type: type, prefix: str = "",
-                         flags: dict[str, str] | None = None) -> None:
+                         flags: dict[str, str] | None = None, defaults: Any = None) -> argparse._ArgumentGroup:
     """One `--prefix-field-name` flag per dataclass field (or the name `flags` gives it), with its
-    help text and default."""
+    help text and default (the field's, or argparse.SUPPRESS when `defaults` is that: then only
+    the flags a user gave reach the namespace)."""
     group = parser.add_argument_group(f"{config_type.__name__}: {config_type.__doc__.strip().splitlines()[0].rstrip('.')}")
     hints = typing.get_type_hints(config_type)
     for field in dataclasses.fields(config_type):
         parse, extra = _parser_type(hints[field.name])
         flag = (flags or {}).get(field.name) or "--" + (prefix + field.name).replace("_", "-")
-        group.add_argument(flag, dest=prefix + field.name, type=parse, default=field.default,
+        group.add_argument(flag, dest=prefix + field.name, type=parse,
+                           default=field.default if defaults is None else defaults,
                            help=field.metadata.get("help", ""), **extra)
+    return group
 
 
 def config_from_args(args: argparse.Namespace, config_type: type[T], prefix: str = "") -> T:
     return config_type(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config_type)})
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--method NAME` (a preset of harmoclip.presets) and one flag per MethodConfig field, each
+    overriding that field of the preset when given."""
+    group = add_config_arguments(parser, MethodConfig, defaults=argparse.SUPPRESS)
+    presets = ", ".join(METHOD_PRESETS)
+    group.description = (f"Start from the preset --method names ({presets}; default {DEFAULT_METHOD}); each "
+                         "field flag below overrides that field. docs/method.md lists every preset's fields.")
+    group.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_PRESETS),
+                       help="named MethodConfig preset the field flags start from")
+
+
+def method_from_args(args: argparse.Namespace) -> MethodConfig:
+    """The preset named by --method with the field flags that were given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(MethodConfig) if hasattr(args, f.name)}
+    return dataclasses.replace(method_preset(args.method), **given)
 
 
 MODEL_FLAGS = {"name": "--model", "pretrained": "--pretrained", "init_from": "--init-from",

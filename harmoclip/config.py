@@ -143,8 +143,14 @@ class MethodConfig:
         default=False,
     )
 
+    l2sp: float = _help(
+        "L2-SP: the decayed weights are pulled towards the starting weights (not towards zero) with "
+        "this decoupled decay coefficient, in place of --weight-decay (0: off). No second model: "
+        "one copy of the starting parameters, no extra forward pass. Meant for fine-tuning.",
+        default=0.0)
+
     def __post_init__(self) -> None:
-        for name in ("lambda_gc", "lambda_lrc", "lambda_gr"):
+        for name in ("lambda_gc", "lambda_lrc", "lambda_gr", "l2sp"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lambda_gc == self.lambda_lrc == self.lambda_gr == 0:

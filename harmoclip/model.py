@@ -121,6 +121,11 @@ def _project(x: torch.Tensor, projection: nn.Module | torch.Tensor | None) -> to
     return x @ projection
 
 
+# What inference builds HarmoCLIP with: no GR anchor, the frozen copy of the weights that only a
+# training step reads (evaluate, embed and predict never build it).
+INFERENCE_METHOD = MethodConfig(lambda_gr=0.0)
+
+
 class HarmoCLIP(nn.Module):
     """Wraps an open_clip `CLIP` with a ViT image tower; its `clip` attribute is the model saved."""
 

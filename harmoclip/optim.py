@@ -11,16 +11,34 @@ from torch import nn
 from .distributed import rank_and_world_size
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """Gains, biases, embeddings of position/class and logit_scale get no weight decay (as open_clip)."""
+def adamw(model: nn.Module, lr: float, weight_decay: float, l2sp: float = 0.0) -> torch.optim.AdamW:
+    """Gains, biases, embeddings of position/class and logit_scale get no weight decay (as open_clip).
+
+    With `l2sp` > 0 the decayed weights decay towards their values *now* (the starting weights,
+    so build the optimizer before loading a checkpoint) with that coefficient instead of towards
+    zero: L2-SP in AdamW's decoupled form, `p -= lr * l2sp * (p - p_start)`. AdamW applies the
+    `-lr * l2sp * p` half; a step post-hook adds `lr * l2sp * p_start` back after every step.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exclude = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
         (no_decay if exclude else decay).append(param)
-    return torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
-                              {"params": decay, "weight_decay": weight_decay}], lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0},
+                                   {"params": decay, "weight_decay": l2sp or weight_decay}],
+                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    if l2sp > 0:
+        start = [param.detach().clone() for param in decay]
+
+        def towards_start(optimizer: torch.optim.Optimizer, *_: object) -> None:
+            group = optimizer.param_groups[1]
+            with torch.no_grad():
+                for param, start_value in zip(group["params"], start):
+                    param.add_(start_value, alpha=group["lr"] * group["weight_decay"])
+
+        optimizer.register_step_post_hook(towards_start)
+    return optimizer
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -25,14 +25,12 @@ import torch
 from PIL import Image
 
 from .checkpoint import model_to_use
-from .config import MethodConfig, ModelConfig
+from .config import ModelConfig
 from .metrics import DEFAULT_TEMPLATES, check_class_names, class_text_embeddings
-from .model import HarmoCLIP, create_clip, pool_regions
+from .model import INFERENCE_METHOD, HarmoCLIP, create_clip, pool_regions
 from .pixels import squash_batch
 from .validation import image_boxes
 
-# No GR anchor: that is a frozen copy of the weights which only a training step reads.
-INFERENCE_METHOD = MethodConfig(lambda_gr=0.0)
 # Label lists whose embeddings are kept; a service cycling through more re-encodes the oldest.
 LABEL_CACHE_SIZE = 16
 

@@ -20,7 +20,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from harmoclip import MethodConfig
-from harmoclip.cli import add_config_arguments, config_from_args
+from harmoclip.cli import add_method_arguments, config_from_args, method_from_args
 from harmoclip.config import TrainConfig
 from harmoclip.predict import Predictor
 from jobs import evaluate as evaluate_job
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="outputs/demo", help="folder for data, base, runs, results.json and the plot")
     add_regime_arguments(parser)
     parser.add_argument("--region-only", action="store_true", help="also fine-tune the region-only ablation")
-    add_config_arguments(parser, MethodConfig)
+    add_method_arguments(parser)
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
     set_verbose(args.verbose)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if os.path.exists(os.path.join(out, "results.json")):
         raise SystemExit(f"error: {out} already holds a finished demo; pick another --out")
     started = time.monotonic()
-    method, finetune = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
+    method, finetune = method_from_args(args), config_from_args(args, TrainConfig)
     regime = regime_from_args(args, finetune)
     tracking_uri = finetune.mlflow_uri or f"sqlite:///{out}/mlflow.db"
     init_ray()

@@ -26,6 +26,7 @@ import torch
 
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.checkpoint import model_to_use
+from harmoclip.model import INFERENCE_METHOD
 from harmoclip.cli import add_config_arguments, add_inference_model_arguments, config_from_args, \
     inference_model_from_args
 from harmoclip.config import InferenceConfig
@@ -36,7 +37,7 @@ from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from pipeline.dataset import DatasetError
 from pipeline.eval_data import gather
 from pipeline.inference_data import read_inference_input
-from pipeline.sources import SourceError
+from pipeline.sources import SourceError, crowd_boxes
 
 
 def read_vocabulary(uri: str) -> list[str]:
@@ -79,7 +80,7 @@ def evaluate(checkpoint: str | ModelConfig, data: str, model_name: str | None = 
         raise ValueError(f"{classes}: none of its {len(vocabulary)} names is a category of {data}")
     embeddings = gather(inputs, model, config)
 
-    harmo = HarmoCLIP(create_clip(model)).eval()
+    harmo = HarmoCLIP(create_clip(model), INFERENCE_METHOD).eval()
     tokenizer = open_clip.get_tokenizer(model.name)
     names = vocabulary or [c["name"] for c in inputs.categories]
     labels, kept = vocabulary_labels([name_of[int(label)] for label in embeddings.labels], names)
@@ -106,6 +107,8 @@ def evaluate(checkpoint: str | ModelConfig, data: str, model_name: str | None = 
         "box_feature": "RoIAlign 1x1 (aligned) on the dense map; 'crop': box crop encoded as an image",
         "left_out": embeddings.skipped,
     }
+    if inputs.source.get("instances"):  # a prepared dataset left them out when it was made
+        results["protocol"]["crowd_boxes_not_scored"] = crowd_boxes(inputs.source["instances"])
     return results
 
 

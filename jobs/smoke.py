@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, create_clip
+from harmoclip import HarmoCLIP, HarmoCLIPLoss, create_clip
 from harmoclip.batch import synthetic_batch
-from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
+from harmoclip.cli import add_method_arguments, add_model_arguments, method_from_args, model_from_args
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as jobs.train runs with --gpu")
     add_model_arguments(parser)
-    add_config_arguments(parser, MethodConfig)
+    add_method_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    method = config_from_args(args, MethodConfig)
+    method = method_from_args(args)
     device = torch.device(args.device)
     model = HarmoCLIP(create_clip(model_from_args(args)), method).to(device)
     loss_fn = HarmoCLIPLoss(method)

@@ -32,7 +32,8 @@ from ray.train.torch import TorchTrainer
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
 from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, load_checkpoint, write_checkpoint
-from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
+from harmoclip.cli import (add_config_arguments, add_method_arguments, add_model_arguments, config_from_args,
+                          method_from_args, model_from_args)
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
 from harmoclip.storage import join, resolve, upload_directory
@@ -115,7 +116,7 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     torch.manual_seed(train.seed)
     model = HarmoCLIP(create_clip(spec.model), spec.method, check_inputs=False)  # batches were checked by Ray Data
     ddp_model = ray.train.torch.prepare_model(model)  # moves `model` to the device; loads below follow it
-    optimizer = adamw(model, train.lr, train.weight_decay)
+    optimizer = adamw(model, train.lr, train.weight_decay, spec.method.l2sp)
     scheduler = warmup_cosine(optimizer, train.warmup_steps, spec.schedule_steps)
     step, checkpoint = 0, ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="prepared dataset (jobs.prepare output), local or s3://")
     parser.add_argument("--out", required=True, help="run folder for checkpoints and results, local or s3://")
     add_model_arguments(parser)
-    add_config_arguments(parser, MethodConfig)
+    add_method_arguments(parser)
     add_config_arguments(parser, TrainConfig)
     add_shared_fs_argument(parser)
     add_verbose_argument(parser)
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_verbose(args.verbose)
     with user_errors(DatasetError, ValueError, FileNotFoundError):
         model = model_from_args(args)
-        method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
+        method, train = method_from_args(args), config_from_args(args, TrainConfig)
         init_ray()
         check_cluster_storage(args.out, args.shared_fs)
         metrics = run(args.data, args.out, model, method, train)

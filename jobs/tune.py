@@ -23,8 +23,8 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from harmoclip import MethodConfig
-from harmoclip.cli import add_config_arguments, add_model_arguments, config_from_args, model_from_args
+from harmoclip.cli import (add_config_arguments, add_method_arguments, add_model_arguments, config_from_args,
+                          method_from_args, model_from_args)
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.storage import is_remote, join, write_bytes
 from jobs import evaluate as evaluate_job
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="harmony")
     add_model_arguments(parser)
-    add_config_arguments(parser, MethodConfig)
+    add_method_arguments(parser)
     add_config_arguments(parser, TrainConfig)
     add_shared_fs_argument(parser)
     add_verbose_argument(parser)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     sweep = args.out.rstrip("/") if is_remote(args.out) else os.path.abspath(args.out)
     with user_errors(DatasetError, ValueError, FileNotFoundError, OSError):
         model = model_from_args(args)
-        method, train = config_from_args(args, MethodConfig), config_from_args(args, TrainConfig)
+        method, train = method_from_args(args), config_from_args(args, TrainConfig)
         tracking_uri = train.mlflow_uri or default_tracking_uri(join(sweep, "trials"))
         train = replace(train, mlflow_uri=tracking_uri)
         init_ray()

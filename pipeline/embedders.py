@@ -20,9 +20,9 @@ import ray.data
 import torch
 from ray.data import ActorPoolStrategy
 
-from harmoclip import HarmoCLIP, MethodConfig, ModelConfig, create_clip
+from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.config import InferenceConfig, PrepareConfig
-from harmoclip.model import ImageFeatures, model_shape, pad_boxes, pool_regions
+from harmoclip.model import INFERENCE_METHOD, ImageFeatures, model_shape, pad_boxes, pool_regions
 from harmoclip.pixels import normalise
 
 from . import dataset_of
@@ -66,7 +66,7 @@ class _ModelActor:
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)  # Ray would give the actor's torch one thread per logical CPU it holds
-        self.model = HarmoCLIP(create_clip(model), MethodConfig()).eval().to(self.device)
+        self.model = HarmoCLIP(create_clip(model), INFERENCE_METHOD).eval().to(self.device)
         self.dtype, self.type = dtype, embedding_type(model_shape(model)[1], dtype)
 
     def _arrow(self, features: Optional[torch.Tensor]) -> pa.Array:

@@ -139,6 +139,20 @@ def _boxes_by_image(uri: str | None, key_fields: tuple[str, ...], section: str =
     return by_image
 
 
+def is_crowd(item: dict) -> bool:
+    """COCO's `iscrowd` boxes cover a group of objects (a crowd, a pile of bananas) with one label.
+    COCO's own evaluation ignores them, and so does this project: they are never a gt region
+    (prepare, embed) nor a scored box (evaluate), and evaluation reports how many were left out."""
+    return bool(item.get("iscrowd", 0))
+
+
+def crowd_boxes(instances_uri: str | None) -> int:
+    """How many `iscrowd` boxes an instances file holds (left out everywhere, see is_crowd)."""
+    if not instances_uri:
+        return 0
+    return sum(is_crowd(item) for item in _load_json(instances_uri).get("annotations", []))
+
+
 def categories(instances_uri: str | None) -> list[dict]:
     """The COCO categories (id, name, optional isthing) of an instances file, for evaluation."""
     if not instances_uri:
@@ -180,7 +194,8 @@ def _coco_rows(source: Source, proposals_uri: str | None) -> list[dict]:
     for image in sorted(images, key=lambda im: str(im["file_name"])):
         rows.append(_image_row(source, str(image["file_name"]), join(source.images, str(image["file_name"])),
                                captions_by_image.get(image["id"], []),
-                               [_xywh(b, "category_id", 0) for b in gt.get(image["id"], [])] if source.instances else None,
+                               [_xywh(b, "category_id", 0) for b in gt.get(image["id"], []) if not is_crowd(b)]
+                               if source.instances else None,
                                [_xywh(b, "score", 1.0) for b in proposals.get(image["id"], [])] if proposals_uri else None))
     for image_id in sorted((i for i in captions_by_image if i not in known), key=str):
         rows.append(_image_row(source, f"unknown-image-id:{image_id}", "", captions_by_image[image_id], None, None,
