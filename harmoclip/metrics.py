@@ -103,7 +103,8 @@ def box_classification(region_features: torch.Tensor, class_embeddings: torch.Te
     """Classify each box by cosine against the class embeddings; `labels` are class indices 0..C-1.
 
     Reports micro top-k and mean per-class top-k over the classes present in `labels` (COCO is
-    very imbalanced: micro accuracy alone is mostly "person"). With `is_thing` (C,), also the
+    very imbalanced: micro accuracy alone is mostly "person"), and per class its box count and
+    top-1 hits (`per_class`, lists indexed by class). With `is_thing` (C,), also the
     same keys under "thing" and "stuff" for the boxes of each kind; a kind without boxes is left out.
     """
     if labels.numel() == 0:
@@ -114,6 +115,10 @@ def box_classification(region_features: torch.Tensor, class_embeddings: torch.Te
     labels = labels.cpu()
     ranks = _pessimistic_ranks(region_features, class_embeddings, labels, torch.arange(num_classes))
     result = _accuracies(ranks, labels, ks, num_classes)
+    # Per class index: its boxes and how many of them were right at top-1 (for a per-class table).
+    result["per_class"] = {"boxes": torch.bincount(labels, minlength=num_classes).tolist(),
+                           "top1_hits": torch.bincount(labels, weights=(ranks < 1).double(),
+                                                       minlength=num_classes).long().tolist()}
     if is_thing is not None:
         if is_thing.shape != (num_classes,):
             raise ValueError(f"is_thing: expected shape ({num_classes},), got {tuple(is_thing.shape)}")

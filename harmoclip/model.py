@@ -129,10 +129,16 @@ INFERENCE_METHOD = MethodConfig(lambda_gr=0.0)
 class HarmoCLIP(nn.Module):
     """Wraps an open_clip `CLIP` with a ViT image tower; its `clip` attribute is the model saved."""
 
-    def __init__(self, clip: CLIP, method: MethodConfig | None = None, check_inputs: bool = True) -> None:
+    def __init__(self, clip: CLIP, method: MethodConfig | None = None, check_inputs: bool = True,
+                 anchor_from_batch: bool = False) -> None:
         """`check_inputs`: validate boxes and lexeme spans on every forward, naming the bad sample.
         Each check reads a result back from the device, so a GPU waits on every step; the trainer
-        turns it off because its batches were checked on the CPU where Ray Data built them."""
+        turns it off because its batches were checked on the CPU where Ray Data built them.
+
+        `anchor_from_batch`: GR's anchor targets come with the batch (`anchor_image_features`,
+        `anchor_text_features`, computed once per dataset by pipeline.anchor_targets), so no frozen
+        copy of the model is built and a step runs no second forward pass. Without it, anchor
+        mode keeps a frozen copy (for direct callers with in-memory batches)."""
         super().__init__()
         if not isinstance(clip, CLIP):
             raise ValueError(f"HarmoCLIP needs an open_clip CLIP model, got {type(clip).__name__}")
@@ -156,7 +162,8 @@ class HarmoCLIP(nn.Module):
             if wanted:
                 setattr(self, name, nn.Parameter(clip.logit_scale.detach().clone()))
         # GR's anchor mode: a frozen copy of the starting weights (never trained, never saved).
-        self.anchor = copy.deepcopy(clip).eval().requires_grad_(False) if self.method.needs_anchor else None
+        self.anchor = (copy.deepcopy(clip).eval().requires_grad_(False)
+                       if self.method.needs_anchor and not anchor_from_batch else None)
 
     def loss_parameters(self) -> dict[str, torch.Tensor]:
         """The trained parameters outside `clip` (learnable LRC/GR temperatures), for the training state."""
@@ -233,6 +240,13 @@ class HarmoCLIP(nn.Module):
             with torch.no_grad():
                 out["anchor_image_features"] = self.anchor.encode_image(batch["images"], normalize=True)
                 out["anchor_text_features"] = self.anchor.encode_text(batch["tokens"], normalize=True)
+        elif self.method.needs_anchor:
+            missing = [k for k in ("anchor_image_features", "anchor_text_features") if k not in batch]
+            if missing:
+                raise KeyError(f"GR anchor mode with anchor_from_batch needs {missing} in the batch "
+                               "(pipeline.anchor_targets computes them)")
+            out.update(anchor_image_features=batch["anchor_image_features"],
+                       anchor_text_features=batch["anchor_text_features"])
         if not needs_regions:
             return out
         for name, param in self.loss_parameters().items():

@@ -95,6 +95,10 @@ def evaluate(checkpoint: str | ModelConfig, data: str, model_name: str | None = 
         "box": {**box_classification(embeddings.regions[kept], class_embeddings, labels, is_thing=is_thing),
                 "crop": box_classification(embeddings.crops[kept], class_embeddings, labels, is_thing=is_thing)},
     }
+    for scores in (results["box"], results["box"]["crop"]):  # per class by name, the classes with boxes
+        counts = scores.pop("per_class")
+        scores["per_class"] = {name: {"boxes": boxes, "top1": hits / boxes}
+                               for name, boxes, hits in zip(names, counts["boxes"], counts["top1_hits"]) if boxes}
     results["harmony"] = harmony(results)
     image_size = harmo.image_size[0]
     results["protocol"] = {

@@ -42,6 +42,7 @@ from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_clu
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.sampling import DatasetIndex, Schedule
 from pipeline.dataset import DatasetError
+from pipeline.anchor_targets import ensure_anchor_targets
 from pipeline.train_data import BatchSpec, training_index, worker_batches
 
 LOSS_TERMS = ("loss", "gc", "lrc", "gr")
@@ -114,7 +115,9 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     #    initial weights on every worker, then the latest checkpoint if there is one.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
     torch.manual_seed(train.seed)
-    model = HarmoCLIP(create_clip(spec.model), spec.method, check_inputs=False)  # batches were checked by Ray Data
+    # Batches were checked by Ray Data, and carry GR's anchor targets when the method needs them.
+    model = HarmoCLIP(create_clip(spec.model), spec.method, check_inputs=False,
+                      anchor_from_batch=spec.batch.anchor_targets is not None)
     ddp_model = ray.train.torch.prepare_model(model)  # moves `model` to the device; loads below follow it
     optimizer = adamw(model, train.lr, train.weight_decay, spec.method.l2sp)
     scheduler = warmup_cosine(optimizer, train.warmup_steps, spec.schedule_steps)
@@ -243,6 +246,9 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
               "--lambda-gr 0", file=sys.stderr, flush=True)
     spec = batch_spec(clip, model, method, train)
     index, _ = training_index(data, spec)
+    if method.needs_anchor:  # the starting model's embeddings, once per dataset: no teacher in the step
+        spec = dataclasses.replace(spec, anchor_targets=ensure_anchor_targets(data, index.files, model, train.seed,
+                                                                              spec, train.gpu))
     schedule = Schedule(index, train.seed, train.workers, train.batch_size, train.shuffle_window)
     if schedule.plan(0).steps == 0:
         raise DatasetError(f"{data} has {index.images} images: fewer than one global batch "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import open_clip
@@ -25,7 +25,7 @@ from spacy.lang.en.stop_words import STOP_WORDS
 
 from harmoclip.batch import stable_key
 from harmoclip.model import register_tiny_configs
-from harmoclip.storage import resolve
+from harmoclip.storage import join, resolve
 from harmoclip.validation import check_boxes, check_lexeme_spans
 
 from . import report_progress_to_log
@@ -35,6 +35,7 @@ from .sampling import DatasetIndex, Schedule, build_index
 MIN_BOX_SIDE = 0.02
 LEXEME_KEY_FIELD = {"root_lemma": "lemma", "phrase_lemma": "phrase_lemma"}
 TRAINING_COLUMNS = ["image_id", "image", "width", "height", "tokens", "lexemes", "regions"]
+ANCHOR_COLUMNS = ["anchor_image_features", "anchor_text_features"]  # written by pipeline.anchor_targets
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class BatchSpec:
     negative_key: str = "root_lemma"
     lexeme_unit: str = "noun_chunk"
     separate_text: bool = False  # also tokenize each lexeme as its own text
+    anchor_targets: Optional[str] = None  # GR anchor targets folder (pipeline.anchor_targets), read with the rows
 
 def crop_window(width: int, height: int) -> tuple[float, float, float, float]:
     """The centred square crop as normalised (x0, y0, w, h) of the original image."""
@@ -112,7 +114,7 @@ def lexeme_units(lexemes: list[dict], spec: BatchSpec) -> list[dict]:
 
 def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
     """Prepared rows -> the fixed-size arrays of `HarmoCLIP.forward` (plus `image_ids`)."""
-    rows = batch.select(TRAINING_COLUMNS).to_pylist()
+    rows = batch.select(TRAINING_COLUMNS).to_pylist()  # (anchor target columns are read as arrays below)
     n, k, l = len(rows), spec.max_regions, spec.max_lexemes
     out = {
         "images": np.zeros((n, 3, spec.image_size, spec.image_size), np.float32),
@@ -124,6 +126,10 @@ def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
         "lexeme_mask": np.zeros((n, l), bool),
         "lexeme_keys": np.zeros((n, l), np.int64),
     }
+    if spec.anchor_targets:
+        for name in ANCHOR_COLUMNS:
+            column = batch.column(name).combine_chunks()
+            out[name] = column.flatten().to_numpy().reshape(n, column.type.list_size)
     lexeme_texts: list[list[str]] = []
     for i, row in enumerate(rows):
         out["images"][i] = load_pixels(row["image"], spec)
@@ -176,16 +182,43 @@ def read_window(item: pa.Table, data: str, files: tuple[str, ...], spec: BatchSp
     file_of, group_of, row_of = (np.asarray(window[key]) for key in ("file", "group", "row"))
     parts, positions = [], []
     for file_number in np.unique(file_of):
-        with filesystem.open_input_file(files[file_number]) as handle:
-            parquet = pq.ParquetFile(handle)
-            for group in np.unique(group_of[file_of == file_number]):
-                wanted = np.flatnonzero((file_of == file_number) & (group_of == group))
-                table = parquet.read_row_group(int(group), columns=TRAINING_COLUMNS)
-                parts.append(table.take(pa.array(row_of[wanted])))
-                positions.append(wanted)
+        groups = np.unique(group_of[file_of == file_number])
+        tables = _read_groups(filesystem, files[file_number], groups, TRAINING_COLUMNS)
+        if spec.anchor_targets:  # the mirror shard: same row groups, same rows
+            targets = _read_mirror_groups(filesystem, files[file_number], spec.anchor_targets, groups)
+            tables = [pa.Table.from_arrays(t.columns + a.columns, t.column_names + a.column_names)
+                      for t, a in zip(tables, targets)]
+        for group, table in zip(groups, tables):
+            wanted = np.flatnonzero((file_of == file_number) & (group_of == group))
+            parts.append(table.take(pa.array(row_of[wanted])))
+            positions.append(wanted)
     rows = pa.concat_tables(parts).take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
     for start in range(0, rows.num_rows, batch_size):
         yield to_model_batch(rows.slice(start, batch_size), spec)
+
+
+def _read_groups(filesystem, path: str, groups: np.ndarray, columns: list[str]) -> list[pa.Table]:
+    """Row groups `groups` of one Parquet file, each read once, only `columns`."""
+    with filesystem.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        return [parquet.read_row_group(int(group), columns=list(columns)) for group in groups]
+
+
+def _read_mirror_groups(filesystem, shard: str, folder: str, groups: np.ndarray) -> list[pa.Table]:
+    """Row groups `groups` of `shard`'s mirror in the anchor targets `folder`, refused unless the
+    mirror has exactly the shard's row groups (targets made before the data was re-prepared)."""
+    mirror = join(folder, shard.rsplit("/", 1)[-1])
+    with filesystem.open_input_file(shard) as handle:
+        shape = [group.num_rows for group in _row_groups(pq.ParquetFile(handle).metadata)]
+    with filesystem.open_input_file(resolve(mirror)[1]) as handle:
+        parquet = pq.ParquetFile(handle)
+        if [group.num_rows for group in _row_groups(parquet.metadata)] != shape:
+            raise DatasetError(f"{mirror} does not mirror {shard} row for row: stale anchor targets, delete {folder}")
+        return [parquet.read_row_group(int(group), columns=ANCHOR_COLUMNS) for group in groups]
+
+
+def _row_groups(metadata: pq.FileMetaData) -> list[pq.RowGroupMetaData]:
+    return [metadata.row_group(i) for i in range(metadata.num_row_groups)]
 
 
 def worker_batches(data: str, index: DatasetIndex, schedule: Schedule, rank: int, start_step: int, end_step: int,

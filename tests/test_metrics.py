@@ -107,6 +107,8 @@ def test_micro_and_mean_per_class_differ_on_imbalance():
     assert result["top1"] == pytest.approx(0.8) and result["macc1"] == pytest.approx(0.5)
     assert result["num_boxes"] == 5 and result["num_classes_present"] == 2
     assert "thing" not in result and "stuff" not in result
+    # per class, by index: class 0 four boxes all right, class 1 one box wrong, class 2 none
+    assert result["per_class"] == {"boxes": [4, 1, 0], "top1_hits": [4, 0, 0]}
 
 
 def test_top5_clamps_to_the_number_of_classes():
