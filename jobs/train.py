@@ -139,9 +139,11 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     first_step, first_step_done = step + 1, None  # throughput is measured from the end of the first step
     progress_every = max(1, (spec.total_steps - step) // PROGRESS_LINES)
     next_progress = step + progress_every
+    lexemes_over_cap = torch.zeros((), dtype=torch.int64, device=device)  # summed on the device: no host sync
     for batch in rows.iter_torch_batches(batch_size=train.batch_size, device=device, prefetch_batches=4):
         # 3. One optimizer step.
         step += 1
+        lexemes_over_cap += batch["lexemes_over_cap"].sum()
         start = time.perf_counter()
         final = step >= spec.total_steps
         log_step = step % train.log_every == 0 or step % train.checkpoint_every == 0 or final
@@ -165,6 +167,7 @@ def train_worker(config: dict[str, RunSpec]) -> None:
             continue
         metrics = {k: float(losses[k].detach()) for k in LOSS_TERMS if k in losses}
         metrics.update(step=step, epoch=bisect.bisect_right(epoch_starts, step - 1) - 1,
+                       lexemes_over_cap=int(lexemes_over_cap),  # this worker's, since the run (re)started
                        lr=scheduler.get_last_lr()[0], logit_scale=model.clip.logit_scale.exp().item(),
                        samples_per_s=global_batch / (time.perf_counter() - start),
                        wall_samples_per_s=(step - first_step) * global_batch

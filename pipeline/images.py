@@ -10,7 +10,7 @@ import io
 from dataclasses import dataclass
 
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .sources import read_bytes
 
@@ -46,7 +46,9 @@ def _open_checked(uri: str, data: bytes, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as err:
         raise Rejected("corrupt_image", f"{uri} ({len(data)} bytes) is truncated or damaged: decoding stopped "
                                         f"({type(err).__name__})") from err
-    return image
+    # A camera's EXIF orientation is applied: every stage sees the photo upright, as a viewer shows
+    # it, and its width, height and boxes are those of the upright photo (see docs/data.md).
+    return ImageOps.exif_transpose(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -125,6 +125,7 @@ def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
         "lexeme_spans": np.zeros((n, l, 2), np.int64),
         "lexeme_mask": np.zeros((n, l), bool),
         "lexeme_keys": np.zeros((n, l), np.int64),
+        "lexemes_over_cap": np.zeros(n, np.int64),  # lexeme units cut by max_lexemes (counted, not trained on)
     }
     if spec.anchor_targets:
         for name in ANCHOR_COLUMNS:
@@ -138,7 +139,9 @@ def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
         boxes = remap_boxes(row["regions"], crop_window(row["width"], row["height"]), k)
         out["boxes"][i, : len(boxes)] = boxes
         out["box_mask"][i, : len(boxes)] = True
-        units = lexeme_units(row["lexemes"], spec)[:l]
+        units = lexeme_units(row["lexemes"], spec)
+        out["lexemes_over_cap"][i] = max(0, len(units) - l)
+        units = units[:l]
         for j, unit in enumerate(units):
             out["lexeme_spans"][i, j] = (unit["tok_start"], unit["tok_end"])
             out["lexeme_keys"][i, j] = stable_key(unit["key"])

@@ -1,0 +1,143 @@
+"""Real photographs end to end (tests/fixtures/coco-real-mini: eight COCO photos with their human
+captions and boxes): prepare -> training steps -> evaluate -> embed -> predict, and what real
+inputs bring: crowd boxes, multi-word class names, odd JPEGs (grayscale, CMYK, EXIF-rotated,
+very wide or tall), captions with more words than lexeme slots."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from harmoclip.config import PrepareConfig
+from jobs import embed as embed_job
+from jobs import evaluate as evaluate_job
+from jobs import predict as predict_job
+from jobs import train as train_job
+from pipeline.prepare import prepare
+from pipeline.sources import find_source
+from pipeline.train_data import BatchSpec, to_model_batch
+from tests.conftest import TEST_MODEL
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "coco-real-mini"
+PHOTOS, CAPTIONS, BOXES, CROWD = 8, 40, 112, 2
+
+
+def _shards(folder) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(Path(folder).glob("part-*.parquet"))])
+
+
+@pytest.fixture(scope="module")
+def real(ray_local, micro_weights, tmp_path_factory):
+    """The fixture prepared (felzenszwalb regions, and the gt boxes kept) and fine-tuned for a few
+    steps from a harmo-micro start with the shipped method (GR anchor: cached targets)."""
+    root = tmp_path_factory.mktemp("real")
+    data = str(root / "prepared")
+    prepare(find_source(str(FIXTURE)), data, PrepareConfig(regions="felzenszwalb", tokenizer=TEST_MODEL, batch_size=8))
+    run = str(root / "run")
+    train_job.main(["--data", data, "--out", run, "--model", TEST_MODEL, "--pretrained", micro_weights,
+                    "--method", "harmoclip", "--steps", "3", "--batch-size", "4", "--warmup-steps", "1",
+                    "--checkpoint-every", "3", "--log-every", "1", "--mlflow-uri", f"sqlite:///{root}/mlflow.db"])
+    return {"data": data, "run": run, "root": root}
+
+
+def test_real_photos_prepare_without_a_reject_and_crowd_boxes_are_left_out(real):
+    manifest = json.loads((Path(real["data"]) / "dataset.json").read_text())
+    counts = manifest["counts"]
+    assert (counts["rows_in"], counts["rows_written"], counts["rows_rejected"]) == (CAPTIONS, CAPTIONS, 0)
+    rows = _shards(real["data"])
+    assert rows.num_rows == CAPTIONS and len(set(rows["image_id"].to_pylist())) == PHOTOS
+    gt_per_image = {row["image_id"]: len(row["gt_boxes"]) for row in rows.select(["image_id", "gt_boxes"]).to_pylist()}
+    assert sum(gt_per_image.values()) == BOXES - CROWD  # iscrowd boxes are never gt regions
+    assert all(len(r) > 0 for r in rows["regions"].to_pylist())  # felzenszwalb found regions in every photo
+
+
+def test_a_run_on_real_photos_trains_with_cached_anchor_targets(real):
+    config = json.loads((Path(real["run"]) / "harmoclip.json").read_text())
+    assert config["step"] == 3 and config["method"]["gr_mode"] == "anchor"
+    anchors = list((Path(real["data"]) / "anchor_targets").iterdir())
+    assert len(anchors) == 1 and (anchors[0] / "anchor.json").exists()
+
+
+def test_evaluate_on_real_photos_scores_multi_word_classes_and_not_crowd_boxes(real, tmp_path, capsys):
+    results = evaluate_job.main(["--checkpoint", real["run"], "--data", str(FIXTURE)])
+    protocol = results["protocol"]
+    assert (protocol["images"], protocol["captions"], protocol["boxes"]) == (PHOTOS, CAPTIONS, BOXES - CROWD)
+    assert protocol["crowd_boxes_not_scored"] == CROWD
+    per_class = results["box"]["per_class"]
+    assert per_class["dining table"]["boxes"] == 2 and sum(c["boxes"] for c in per_class.values()) == BOXES - CROWD
+    # A vocabulary of multi-word names (one per line): boxes of other classes are left out.
+    vocabulary = tmp_path / "classes.txt"
+    vocabulary.write_text("dining table\nperson\nhair drier\ntraffic light\n")
+    narrowed = evaluate_job.main(["--checkpoint", real["run"], "--data", str(FIXTURE), "--classes", str(vocabulary)])
+    assert set(narrowed["box"]["per_class"]) == {"dining table", "person", "traffic light"}
+    assert narrowed["protocol"]["classes"] == 4
+
+
+def test_embed_and_predict_on_real_photos(real, tmp_path):
+    record = embed_job.main(["--checkpoint", real["run"], "--data", str(FIXTURE), "--out", str(tmp_path / "emb")])
+    counts = record["counts"]
+    assert (counts["images_written"], counts["captions_written"], counts["boxes"]) == (PHOTOS, CAPTIONS, BOXES - CROWD)
+    photo = FIXTURE / "images" / "000000397133.jpg"
+    predictions = predict_job.main(["--checkpoint", real["run"], "--image", str(photo), "--regions", "grid",
+                                    "--labels", "dining table,person,broccoli", "--query", "a bowl of broccoli",
+                                    "--out", str(tmp_path / "pred")])
+    assert predictions["labels"] == ["dining table", "person", "broccoli"]
+    assert predictions["boxes"] and all(b["top"][0]["label"] in predictions["labels"] for b in predictions["boxes"])
+    assert (tmp_path / "pred" / "predictions.png").exists()
+
+
+def _odd_jpegs(folder: Path) -> dict[str, tuple[int, int]]:
+    """JPEGs real collections hold, made from a fixture photo: grayscale, CMYK, stored sideways
+    with an EXIF orientation, very wide, very tall. Returns each file's upright size."""
+    photo = Image.open(FIXTURE / "images" / "000000173350.jpg").convert("RGB")
+    (folder / "images").mkdir(parents=True)
+    photo.convert("L").save(folder / "images" / "gray.jpg")
+    photo.convert("CMYK").save(folder / "images" / "cmyk.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the viewer turns the stored pixels 90 degrees clockwise
+    photo.transpose(Image.Transpose.ROTATE_90).save(folder / "images" / "sideways.jpg", exif=exif)
+    photo.resize((1600, 40)).save(folder / "images" / "wide.jpg")
+    photo.resize((30, 1200)).save(folder / "images" / "tall.jpg")
+    names = ["gray.jpg", "cmyk.jpg", "sideways.jpg", "wide.jpg", "tall.jpg"]
+    captions = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+                "annotations": [{"id": i, "image_id": i, "caption": "a dog lies next to a white toilet"}
+                                for i in range(len(names))]}
+    (folder / "captions.json").write_text(json.dumps(captions))
+    return {"gray.jpg": photo.size, "cmyk.jpg": photo.size, "sideways.jpg": photo.size, "wide.jpg": (1600, 40),
+            "tall.jpg": (30, 1200)}
+
+
+def test_grayscale_cmyk_exif_rotated_wide_and_tall_jpegs_are_prepared_upright_in_rgb(ray_local, tmp_path):
+    sizes = _odd_jpegs(tmp_path / "odd")
+    out = tmp_path / "prepared"
+    prepare(find_source(str(tmp_path / "odd")), str(out), PrepareConfig(regions="grid", tokenizer=TEST_MODEL))
+    rows = {r["image_id"]: r for r in _shards(out).select(["image_id", "image", "width", "height"]).to_pylist()}
+    assert set(rows) == set(sizes)
+    reference = np.asarray(Image.open(FIXTURE / "images" / "000000173350.jpg").convert("RGB"), np.float32)
+    for name, row in rows.items():
+        stored = Image.open(io.BytesIO(row["image"]))
+        assert stored.mode == "RGB", name
+        assert (row["width"], row["height"]) == sizes[name], name  # the upright photo's size
+        if name in ("sideways.jpg", "cmyk.jpg"):  # upright and in the photo's colours again
+            difference = np.abs(np.asarray(stored.resize(sizes[name]), np.float32) - reference).mean()
+            assert difference < 12, (name, difference)
+
+
+def test_word_lexemes_beyond_the_slots_are_cut_and_counted(real):
+    rows = _shards(real["data"]).slice(0, 8)
+    context = json.loads((Path(real["data"]) / "dataset.json").read_text())["tokenizer"]["context_length"]
+    spec = BatchSpec(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, max_regions=4, max_lexemes=2,
+                     context_length=context, tokenizer=TEST_MODEL, lexeme_unit="word")
+    batch = to_model_batch(rows, spec)
+    roomy = to_model_batch(rows, BatchSpec(**{**spec.__dict__, "max_lexemes": 64}))
+    units = roomy["lexeme_mask"].sum(1)
+    assert units.max() > 2  # real captions have more content words than two slots
+    assert (batch["lexeme_mask"].sum(1) == np.minimum(units, 2)).all()
+    assert (batch["lexemes_over_cap"] == units - np.minimum(units, 2)).all() and (roomy["lexemes_over_cap"] == 0).all()
