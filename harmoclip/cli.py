@@ -23,10 +23,21 @@ def _parser_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     if origin is Literal:
         return type(args[0]), {"choices": list(args)}
     if annotation is bool:
-        # `--gpu` alone means true; `--gpu false` spells the default out.
-        return (lambda text: text.lower() in ("1", "true", "yes", "on")), {"metavar": "{true,false}", "nargs": "?",
-                                                                           "const": True}
+        # `--gpu` alone means true; `--gpu false` spells the default out; any other word is an error.
+        return parse_bool, {"metavar": "{true,false}", "nargs": "?", "const": True}
     return annotation, {}
+
+
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """A strict boolean: `--gpu ture` is refused (argparse names the flag), never read as false."""
+    if text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_field_value(annotation: Any, text: str) -> Any:

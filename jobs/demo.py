@@ -124,7 +124,7 @@ def _history(tracking_uri: str, run_dir: str) -> dict[str, list]:
             for metric in ("loss", "gc", "lrc", "gr")}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="folder for data, base, runs, results.json and the plot")
@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--region-only", action="store_true", help="also fine-tune the region-only ablation")
     add_method_arguments(parser)
     add_verbose_argument(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
     out = os.path.abspath(args.out)
     if os.path.exists(os.path.join(out, "results.json")):

@@ -136,7 +136,7 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_model_arguments(parser)
@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "default: 6 built-in templates")
     add_config_arguments(parser, InferenceConfig)
     add_verbose_argument(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
     with user_errors(DatasetError, SourceError, ValueError, FileNotFoundError):
         model = inference_model_from_args(args)

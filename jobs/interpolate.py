@@ -55,7 +55,7 @@ def write_blend(run: str, alpha: float, folder: str) -> str:
     return folder
 
 
-def main(argv: list[str] | None = None) -> list[str]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.interpolate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a jobs.train run folder (local; it names its start)")
@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="weight of the fine-tuned run in each blend (0: the starting model, 1: the run)")
     parser.add_argument("--out", required=True, help="folder for one run folder per alpha (alpha0.5/, ...)")
     add_verbose_argument(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = build_parser().parse_args(argv)
     with user_errors(ValueError, FileNotFoundError), torch.no_grad():
         return interpolate_run(args.checkpoint, args.alpha, args.out)
 

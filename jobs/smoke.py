@@ -17,7 +17,7 @@ from harmoclip.batch import synthetic_batch
 from harmoclip.cli import add_method_arguments, add_model_arguments, method_from_args, model_from_args
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.smoke", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps on the batch")
@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as jobs.train runs with --gpu")
     add_model_arguments(parser)
     add_method_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = build_parser().parse_args(argv)
 
     torch.manual_seed(args.seed)
     method = method_from_args(args)

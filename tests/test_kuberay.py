@@ -14,7 +14,6 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any, Iterator
-from unittest import mock
 
 import jsonschema
 import pytest
@@ -186,26 +185,6 @@ def test_every_pod_runs_the_project_image_at_the_installed_ray_version():
     assert {".venv", ".git", "outputs", "data"} <= set(ignored)
 
 
-class _Parsed(Exception):
-    pass
-
-
-def parser_of(module) -> argparse.ArgumentParser:
-    """The job's own argparse parser: `build_parser()` where the job has one, else the parser its
-    `main` builds, caught as main hands it the arguments."""
-    if hasattr(module, "build_parser"):
-        return module.build_parser()
-    built = []
-
-    def capture(parser, args=None, namespace=None):
-        built.append(parser)
-        raise _Parsed
-
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(_Parsed):
-        module.main([])
-    return built[0]
-
-
 def commands(entrypoint: str) -> list[tuple[str, list[str]]]:
     """`(module, argv)` of each `python -m jobs.X ...` in an entrypoint (commands joined by &&)."""
     tokens, found = shlex.split(entrypoint), []
@@ -219,7 +198,7 @@ def commands(entrypoint: str) -> list[tuple[str, list[str]]]:
 
 def check_arguments(module_name: str, argv: list[str]) -> argparse.Namespace:
     assert (ROOT / "jobs" / f"{module_name.split('.', 1)[1]}.py").is_file(), module_name
-    parser = parser_of(importlib.import_module(module_name))
+    parser = importlib.import_module(module_name).build_parser()
     try:
         return parser.parse_args(argv)
     except SystemExit as exit_:  # argparse's "unrecognized arguments" / "invalid choice" exit
