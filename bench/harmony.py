@@ -38,6 +38,7 @@ from harmoclip.cli import config_from_args, parse_field_value
 from harmoclip.config import TrainConfig
 from harmoclip.presets import DEFAULT_METHOD, METHOD_PRESETS
 from jobs.common import add_verbose_argument, init_ray, set_verbose
+from jobs.demo import examples
 from jobs.interpolate import write_blend
 from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, evaluate_cached,
                          finetune_and_evaluate, mean_r1, prepare_data, regime_from_args, run_dir, train_base,
@@ -95,6 +96,37 @@ def summary_table(study: dict[str, Any], split: str = "val") -> str:
         diffs = [paired(values[m], [100 * f(base_runs[r["seed"]]) for r in runs]) for m, f in metrics.items()]
         lines.append(row + "".join(f" {d:+.1f} ± {h:.1f} |" for d, h in diffs))
     return "\n".join(lines)
+
+
+def per_class_table(study: dict[str, Any], config: str = "harmoclip", top: int = 20, split: str = "val") -> str:
+    """Box top-1 per class for the `top` classes with most boxes: gc_only vs `config`, means over
+    their common seeds (points), and the paired difference."""
+    def by_seed(name: str) -> dict[int, dict]:
+        return {r["seed"]: r[split]["box"]["per_class"] for r in study["configs"].get(name, {}).get("runs", [])
+                if split in r and "per_class" in r[split]["box"]}
+    base, other = by_seed(BASELINE), by_seed(config)
+    seeds = sorted(set(base) & set(other))
+    if not seeds:
+        return ""
+    classes = sorted(base[seeds[0]], key=lambda name: -base[seeds[0]][name]["boxes"])[:top]
+    lines = [f"| class | boxes | gc_only top-1 | {config} top-1 | difference |", "|---|---|---|---|---|"]
+    for name in classes:
+        a = statistics.fmean(100 * base[s][name]["top1"] for s in seeds)
+        b = statistics.fmean(100 * other[s][name]["top1"] for s in seeds)
+        lines.append(f"| {name} | {base[seeds[0]][name]['boxes']} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
+    return f"per class, the {len(classes)} classes with most boxes (seeds {', '.join(map(str, seeds))}):\n" + \
+        "\n".join(lines)
+
+
+def write_examples(study: dict[str, Any], val: str, path: str, config: str = "harmoclip") -> bool:
+    """examples.png (as jobs.demo draws it) from the seed-0 runs of gc_only and `config`."""
+    runs = {name: next((r for r in study["configs"].get(name, {}).get("runs", []) if r["seed"] == 0), None)
+            for name in (BASELINE, config)}
+    if None in runs.values():
+        return False
+    examples(val, {"baseline": {**runs[BASELINE]["val"], "checkpoint": runs[BASELINE]["checkpoint"]},
+                   "harmoclip": {**runs[config]["val"], "checkpoint": runs[config]["checkpoint"]}}, path)
+    return True
 
 
 def brief(results: dict[str, Any]) -> str:
@@ -194,6 +226,10 @@ def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[in
     if holdout_data:
         print(f"the same on the holdout set ({holdout_data}, never used to choose):\n"
               f"{summary_table(study, 'holdout')}\n")
+    if table := per_class_table(study):
+        print(table + "\n")
+    if write_examples(study, data["val"], f"{out}/examples.png"):
+        print(f"labelled val examples (seed 0, gc_only vs harmoclip): {out}/examples.png")
     print(study_file)
     return study
 

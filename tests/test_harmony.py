@@ -160,11 +160,17 @@ def test_harmony_study_extends_the_demo_and_reports_paired_differences(demo, cap
     base_weights = out / "base" / "open_clip_weights.pt"
     arm_weights = out / "runs" / "harmoclip" / "seed0" / "open_clip_weights.pt"
     stamps = base_weights.stat().st_mtime, arm_weights.stat().st_mtime
-    study = harmony.main(["--out", str(out), *SMALL, "--seeds", "0", "1", "--only", "gc_only", "harmoclip"])
+    study = harmony.main(["--out", str(out), *SMALL, "--seeds", "0", "1", "--only", "gc_only", "harmoclip",
+                          "--wise", "harmoclip"])
     assert (base_weights.stat().st_mtime, arm_weights.stat().st_mtime) == stamps  # reused, not retrained
 
     saved = json.loads((out / "harmony.json").read_text())
-    assert saved["baseline"] == "gc_only" and set(saved["configs"]) == {"gc_only", "harmoclip"}
+    wise = {f"harmoclip_wise{alpha:g}" for alpha in harmony.WISE_ALPHAS}
+    assert saved["baseline"] == "gc_only" and set(saved["configs"]) == {"gc_only", "harmoclip"} | wise
+    half = saved["configs"]["harmoclip_wise0.5"]
+    assert half["wise"] == {"of": "harmoclip", "alpha": 0.5} and [r["seed"] for r in half["runs"]] == [0, 1]
+    blend = json.loads((out / "runs" / "harmoclip_wise0.5" / "seed0" / "harmoclip.json").read_text())
+    assert blend["interpolation"]["alpha"] == 0.5 and blend["interpolation"]["start"] == str(out / "base")
     runs = saved["configs"]["harmoclip"]["runs"]
     assert [r["seed"] for r in runs] == [0, 1]
     assert runs[0]["checkpoint"] == str(out / "runs" / "harmoclip" / "seed0")
@@ -176,6 +182,7 @@ def test_harmony_study_extends_the_demo_and_reports_paired_differences(demo, cap
     expected = sum(100 * (r["val"]["box"]["top1"] - g["box"]["top1"]) for r, g in zip(runs, gc)) / 2
     assert f"{expected:+.1f} ±" in row  # the paired box difference, with its interval
     assert study["configs"]["harmoclip"]["runs"][1]["seed"] == 1
+    assert "per class, the " in printed and (out / "examples.png").stat().st_size > 0
 
 
 def test_a_folder_made_with_other_settings_is_refused(demo):
@@ -198,8 +205,8 @@ def test_config_overrides_are_parsed_by_field_type(text, message):
             harmony.parse_config(text)
 
 
-def _results(r1: float, box: float) -> dict:
-    return {"retrieval": {"i2t": {"r1": r1}, "t2i": {"r1": r1}}, "box": {"top1": box}}
+def _results(r1: float, box: float, per_class: float = 0.05) -> dict:
+    return {"retrieval": {"i2t": {"r1": r1}, "t2i": {"r1": r1}}, "box": {"top1": box, "macc1": per_class}}
 
 
 def test_summary_reports_each_split_with_paired_differences():
@@ -209,8 +216,20 @@ def test_summary_reports_each_split_with_paired_differences():
         "x": {"runs": [{"seed": s, "val": _results(0.5, 0.2), "holdout": _results(0.4, 0.3 + s / 100)}
                        for s in (0, 1)]}}}
     table = harmony.summary_table(study, "holdout")
-    assert "| base (no fine-tuning) | - | 40.0 | 10.0 | | |" in table
-    assert "| x | 2 | 40.0 ± 0.0 | 30.5 ± 0.7 | -10.0 ± 0.0 | +20.0 ± 0.0 |" in table
+    assert "| base (no fine-tuning) | - | 40.0 | 10.0 | 5.0 | | | |" in table
+    assert "| x | 2 | 40.0 ± 0.0 | 30.5 ± 0.7 | 5.0 ± 0.0 | -10.0 ± 0.0 | +20.0 ± 0.0 | +0.0 ± 0.0 |" in table
+
+
+def test_per_class_table_pairs_gc_only_with_the_arm_over_common_seeds():
+    def run(seed: int, person: float, table: float) -> dict:
+        return {"seed": seed, "val": {"box": {"per_class": {"person": {"boxes": 9, "top1": person},
+                                                            "dining table": {"boxes": 2, "top1": table}}}}}
+    study = {"configs": {"gc_only": {"runs": [run(0, 0.5, 0.0), run(1, 0.7, 0.5)]},
+                         "harmoclip": {"runs": [run(0, 0.4, 0.5), run(1, 0.6, 1.0), run(2, 0.1, 0.1)]}}}
+    table = harmony.per_class_table(study)
+    assert "(seeds 0, 1)" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "boxes" not in line]
+    assert rows == ["| person | 9 | 60.0 | 50.0 | -10.0 |", "| dining table | 2 | 25.0 | 75.0 | +50.0 |"]
 
 
 def test_paired_interval_is_the_t_interval_of_the_differences():
