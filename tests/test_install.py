@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
@@ -53,3 +55,18 @@ def test_spacy_pipeline_matches_the_official_release():
         assert meta["performance"][key] == pytest.approx(value, rel=1e-9), key
     chunks = [(c.text, c.root.lemma_) for c in nlp("Two large blue squares sit above the red circle.").noun_chunks]
     assert chunks == [("Two large blue squares", "square"), ("the red circle", "circle")]
+
+
+def _setup(python: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], env={**os.environ, "PYTHON": python},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_setup_refuses_a_missing_or_other_python_before_touching_the_venv(tmp_path):
+    missing = _setup("no-such-python3.11")
+    assert missing.returncode == 2 and "Python 3.11 is required" in missing.stderr
+    other = tmp_path / "python3.12"  # an interpreter that is not 3.11
+    other.write_text("#!/bin/sh\necho 3.12\n")
+    other.chmod(0o755)
+    wrong = _setup(str(other))
+    assert wrong.returncode == 2 and "is Python 3.12; the pinned stack needs Python 3.11" in wrong.stderr
