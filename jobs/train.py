@@ -16,6 +16,7 @@ import argparse
 import bisect
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import sys
@@ -35,6 +36,7 @@ from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, load_checkpo
 from harmoclip.cli import (add_config_arguments, add_method_arguments, add_model_arguments, config_from_args,
                           method_from_args, model_from_args)
 from harmoclip.config import TrainConfig, as_flat_dict
+from harmoclip.model_card import write_model_card, write_safetensors
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
 from harmoclip.storage import join, resolve, upload_directory
 from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray, log_level,
@@ -273,6 +275,11 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
     )
     result = trainer.fit()
     _copy_final(result.checkpoint.path, result.checkpoint.filesystem, out)
+    weights_fs, weights_path = resolve(join(out, WEIGHTS_FILENAME))
+    with weights_fs.open_input_stream(weights_path) as stream:
+        write_safetensors(torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)["state_dict"],
+                          out)
+    write_model_card(out, data, model, method, train, result.metrics["step"], result.metrics)
     return {**result.metrics, "checkpoint": join(out, WEIGHTS_FILENAME), "tracking_uri": run_spec.tracking_uri}
 
 

@@ -10,11 +10,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
+from harmoclip import register_tiny_configs
 from harmoclip.config import PrepareConfig
 from jobs import embed as embed_job
 from jobs import evaluate as evaluate_job
@@ -63,6 +66,19 @@ def test_a_run_on_real_photos_trains_with_cached_anchor_targets(real):
     assert config["step"] == 3 and config["method"]["gr_mode"] == "anchor"
     anchors = list((Path(real["data"]) / "anchor_targets").iterdir())
     assert len(anchors) == 1 and (anchors[0] / "anchor.json").exists()
+
+
+def test_a_run_exports_safetensors_that_plain_open_clip_loads_and_a_model_card(real):
+    register_tiny_configs()
+    run = Path(real["run"])
+    plain = open_clip.create_model(TEST_MODEL, pretrained=str(run / "model.safetensors")).eval()
+    ours = open_clip.create_model(TEST_MODEL, pretrained=str(run / "open_clip_weights.pt")).eval()
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain.encode_image(image), ours.encode_image(image))
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "| method | `harmoclip` |" in card and "teacher in the objective | yes" in card
+    assert f'create_model("{TEST_MODEL}", pretrained="{run / "model.safetensors"}")' in card
 
 
 def test_evaluate_on_real_photos_scores_multi_word_classes_and_not_crowd_boxes(real, tmp_path, capsys):
