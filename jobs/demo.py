@@ -139,8 +139,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
     out = os.path.abspath(args.out)
-    if os.path.exists(os.path.join(out, "results.json")):
-        raise SystemExit(f"error: {out} already holds a finished demo; pick another --out")
+    if os.path.exists(os.path.join(out, "results.json")):  # finished before: show it, train nothing
+        with open(os.path.join(out, "results.json")) as handle:
+            results = json.load(handle)
+        print(f"{out} holds a finished demo; its results (use another --out to run it again):\n\n"
+              f"{side_by_side(results)}\n\nresults: {out}/results.json, plot: {out}/demo.png, labelled "
+              f"examples: {out}/examples.png")
+        return results
     started = time.monotonic()
     method, finetune = method_from_args(args), config_from_args(args, TrainConfig)
     regime = regime_from_args(args, finetune)
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _run(out: str, regime, method: MethodConfig, finetune: TrainConfig, tracking_uri: str, region_only: bool,
          started: float) -> dict[str, Any]:
-    print(f"[1/4] synthetic shapes data and Ray Data preparation -> {out}/data", flush=True)
+    kind = f"real photos of {regime.real}" if regime.real else "synthetic shapes data"
+    print(f"[1/4] {kind} and Ray Data preparation -> {out}/data", flush=True)
     data = prepare_data(out, regime)
     print(f"[2/4] base model: GC-only pretraining on the separate base corpus -> {out}/base", flush=True)
     base = train_base(out, data, regime, tracking_uri)

@@ -50,6 +50,16 @@ def test_demo_fine_tunes_every_arm_from_one_base(demo):
     assert results["baseline"]["protocol"]["model"] == "harmo-tiny"
 
 
+def test_a_second_demo_into_the_same_folder_prints_the_finished_table(demo, capsys):
+    out, results = demo
+    stamp = (out / "runs" / "harmoclip" / "seed0" / "open_clip_weights.pt").stat().st_mtime
+    again = demo_job.main(["--out", str(out), *SMALL, "--region-only"])
+    assert again == json.loads((out / "results.json").read_text())
+    printed = capsys.readouterr().out
+    assert "holds a finished demo" in printed and demo_job.side_by_side(results).splitlines()[0] in printed
+    assert (out / "runs" / "harmoclip" / "seed0" / "open_clip_weights.pt").stat().st_mtime == stamp
+
+
 def test_demo_draws_val_boxes_labelled_by_both_models(demo):
     out, _ = demo
     examples = out / "examples.png"
