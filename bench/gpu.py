@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import platform
 import sys
@@ -51,7 +52,21 @@ class Sizes:
 FULL = Sizes(model="ViT-B-16", step_batch=128, step_warmup=3, step_steps=10, train_images=2048, train_steps=40,
              train_batch=128, eval_images=(256, 1024), eval_side=480, eval_batch=128)
 DRY = Sizes(model="harmo-micro", step_batch=4, step_warmup=1, step_steps=1, train_images=12, train_steps=3,
-            train_batch=4, eval_images=(4, 8), eval_side=48, eval_batch=4)
+            train_batch=4, eval_images=(4, 48), eval_side=48, eval_batch=4)
+# What a measured figure can possibly be: a rate is > 0, a ratio of two such rates is within a factor
+# of 20 of 1, a loss is finite. A figure outside fails its row (the script then exits 1), so a
+# broken measurement never reads as a result.
+SANE = {"rate": (0.0, float("inf")), "ratio": (0.05, 20.0), "loss": (float("-inf"), float("inf"))}
+
+
+def impossible(figures: dict[str, tuple[str, float]]) -> list[str]:
+    """The figures (name -> (kind, value)) that cannot be right, as 'name = value' texts."""
+    bad = []
+    for name, (kind, value) in figures.items():
+        low, high = SANE[kind]
+        if not math.isfinite(value) or not low < value < high:
+            bad.append(f"{name} = {value:g}")
+    return bad
 
 
 def _quietly(function, *args, **kwargs):
@@ -60,8 +75,8 @@ def _quietly(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
-def run(dry_run: bool) -> list[tuple[str, str, str, str]]:
-    """(check, measured, target, seconds) rows."""
+def run(dry_run: bool) -> list[tuple[str, str, str, float, list[str]]]:
+    """(check, measured, target, seconds, impossible figures) rows."""
     sizes = DRY if dry_run else FULL
     device = "cpu" if dry_run else "cuda"
     if not dry_run and not torch.cuda.is_available():
@@ -72,7 +87,8 @@ def run(dry_run: bool) -> list[tuple[str, str, str, str]]:
     losses = _quietly(smoke.main, ["--model", sizes.model, "--device", device, "--bf16", "--steps", "3",
                                    "--batch-size", str(sizes.step_batch)])
     rows.append(("jobs.smoke, bf16, 3 steps", f"loss {losses['loss']:.3f} (gc {losses['gc']:.3f}, lrc "
-                 f"{losses['lrc']:.3f}, gr {losses['gr']:.3f})", "finite", time.perf_counter() - start))
+                 f"{losses['lrc']:.3f}, gr {losses['gr']:.3f})", "finite", time.perf_counter() - start,
+                 impossible({k: ("loss", losses[k]) for k in ("loss", "gc", "lrc", "gr")})))
 
     start = time.perf_counter()
     step = _quietly(step_bench.measure, sizes.model, sizes.step_batch, 20, 8, sizes.step_warmup, sizes.step_steps,
@@ -80,7 +96,9 @@ def run(dry_run: bool) -> list[tuple[str, str, str, str]]:
     mfu = f", MFU {100 * step['mfu']:.1f}% of bf16 peak" if step["mfu"] is not None else ", MFU n/a (no known peak)"
     rows.append((f"bench.step {sizes.model} {step['image']}, batch {sizes.step_batch}, bf16",
                  f"GC-only {step['gc_only_samples_s']:.1f}/s, HarmoCLIP {step['harmoclip_samples_s']:.1f}/s, "
-                 f"ratio {step['ratio']:.3f}{mfu}", "ratio <= 1.10", time.perf_counter() - start))
+                 f"ratio {step['ratio']:.3f}{mfu}", "ratio <= 1.10", time.perf_counter() - start,
+                 impossible({"GC-only": ("rate", step["gc_only_samples_s"]),
+                             "HarmoCLIP": ("rate", step["harmoclip_samples_s"]), "ratio": ("ratio", step["ratio"])})))
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +107,8 @@ def run(dry_run: bool) -> list[tuple[str, str, str, str]]:
     (_, memory, _), (feed, fed, ratio) = train
     rows.append((f"bench.train {sizes.model}, 1 worker, batch {sizes.train_batch}",
                  f"in-memory {memory:.1f}/s, Ray-fed {fed:.1f}/s, ratio {ratio:.2f} ({feed.rsplit(', ', 1)[1]})",
-                 "ratio >= 0.9", time.perf_counter() - start))
+                 "ratio >= 0.9", time.perf_counter() - start,
+                 impossible({"in-memory": ("rate", memory), "Ray-fed": ("rate", fed), "ratio": ("ratio", ratio)})))
 
     start = time.perf_counter()
     evaluation = _quietly(evaluate_bench.main, ["--models", sizes.model, "--images", *map(str, sizes.eval_images),
@@ -99,17 +118,21 @@ def run(dry_run: bool) -> list[tuple[str, str, str, str]]:
     rows.append((f"bench.evaluate {sizes.model}, {sizes.eval_side}px, batch {sizes.eval_batch}",
                  f"forward {evaluation.forward:.1f} img/s, Ray Data stage {evaluation.stage:.1f} img/s, ratio "
                  f"{evaluation.ratio:.2f}, start-up {evaluation.startup:.1f} s", "ratio >= 0.8",
-                 time.perf_counter() - start))
+                 time.perf_counter() - start,
+                 impossible({"forward": ("rate", evaluation.forward), "Ray Data stage": ("rate", evaluation.stage),
+                             "ratio": ("ratio", evaluation.ratio)})))
     return rows
 
 
-def table(rows: list[tuple[str, str, str, float]], dry_run: bool) -> str:
+def table(rows: list[tuple[str, str, str, float, list[str]]], dry_run: bool) -> str:
     device = "CPU (dry run, tiny sizes: the numbers mean nothing)" if dry_run else torch.cuda.get_device_name(0)
     lines = [f"GPU check {time.strftime('%Y-%m-%d')} on {device}; torch {torch.__version__} "
              f"(CUDA {torch.version.cuda}), Ray {ray.__version__}, Python {platform.python_version()}, "
              f"{len(os.sched_getaffinity(0))} CPU cores", "",
-             "| check | measured | target | s |", "|---|---|---|---|"]
-    lines += [f"| {check} | {measured} | {target} | {seconds:.0f} |" for check, measured, target, seconds in rows]
+             "| check | measured | target | s | figures |", "|---|---|---|---|---|"]
+    lines += [f"| {check} | {measured} | {target} | {seconds:.0f} | "
+              f"{'FAIL, impossible: ' + ', '.join(bad) if bad else 'possible'} |"
+              for check, measured, target, seconds, bad in rows]
     return "\n".join(lines)
 
 
@@ -121,12 +144,15 @@ def main(argv: list[str] | None = None) -> str:
         ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING")
     quiet_libraries()
-    result = table(run(args.dry_run), args.dry_run)
+    rows = run(args.dry_run)
+    result = table(rows, args.dry_run)
     print(result)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu.md"), "w") as handle:
             handle.write(result + "\n")
     sys.stdout.flush()
+    if any(bad for *_, bad in rows):
+        raise SystemExit("error: a measured figure is impossible (see the figures column): the check failed")
     return result
 
 

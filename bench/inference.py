@@ -91,7 +91,9 @@ def forward_rate(data: str, model: ModelConfig, batch_size: int, crops: bool, gp
 def steady_rate(run_stage: Callable[[int], None], small: int, large: int, repeats: int = 3) -> tuple[float, float]:
     """(images/s, start-up s) of a stage from its wall time on `small` and on `large` images:
     the median over `repeats` pairs, after one untimed run on `small` (the first run also pays for
-    cold worker imports). On a 2-core machine one pair can be off by a second either way."""
+    cold worker imports). On a 2-core machine one pair can be off by a second either way: a pair
+    whose larger run was not slower says nothing about the rate and is left out; when every pair
+    is, the sizes are too close for this machine's noise and that is an error, never a rate."""
     run_stage(small)
     rates, startups = [], []
     for _ in range(repeats):
@@ -100,8 +102,12 @@ def steady_rate(run_stage: Callable[[int], None], small: int, large: int, repeat
             start = time.perf_counter()
             run_stage(images)
             times[images] = time.perf_counter() - start
-        rates.append((large - small) / (times[large] - times[small]))
-        startups.append(times[small] - small / rates[-1])
+        if times[large] > times[small]:
+            rates.append((large - small) / (times[large] - times[small]))
+            startups.append(times[small] - small / rates[-1])
+    if not rates:
+        raise RuntimeError(f"the stage took no longer on {large} images than on {small} in {repeats} tries: "
+                           "start-up noise swamps the work; time it on sets further apart (--images)")
     return statistics.median(rates), statistics.median(startups)
 
 
