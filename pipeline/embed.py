@@ -9,7 +9,10 @@ Images and captions are two tables joined by `image_id`, so an image's embedding
 however many captions it has. The model runs in Ray Data; its output streams back here in input
 order and this process cuts the shards, so the same input, model and config write the same bytes,
 progress is printed as batches arrive, and rejects are collected in the same pass. What comes back
-is embeddings only (about 1 KB per vector in float16), not images.
+is embeddings only (about 1 KB per vector in float16), not images. The order written is the
+input's, not the streams': caption rows carry their position and are put back in it (`InOrder`),
+and images are checked against the order of their captions (a stream out of order fails the job
+rather than writing other bytes).
 """
 
 from __future__ import annotations
@@ -31,38 +34,29 @@ from harmoclip.storage import join, resolve, write_bytes
 
 from .embedders import caption_embeddings, image_embeddings
 from .inference_data import InferenceInput
-from .prepare import REJECTS_DIR, REJECTS_SCHEMA, check_destination
+from .prepare import REJECTS_DIR, REJECTS_SCHEMA, InOrder, ShardWriter, check_destination
 from .progress import Progress
 
 EMBEDDINGS_FILE = "embeddings.json"
 IMAGE_COLUMNS = ("image_id", "image_uri", "width", "height")
 
 
-class ShardWriter:
-    """Tables in, `FOLDER/part-00000.parquet`, ... of `rows_per_shard` rows each out, in order."""
+class _InputOrder:
+    """Checks that images come back in input order: an image's place is that of its first caption
+    (captions are listed image by image, in input order; an image without one is not checked)."""
 
-    def __init__(self, out: str, folder: str, rows_per_shard: int) -> None:
-        self.filesystem, self.path = resolve(join(out, folder))
-        self.rows_per_shard, self.pending, self.shards = rows_per_shard, [], 0
+    def __init__(self, caption_image_ids: pa.ChunkedArray) -> None:
+        self.place: dict[str, int] = {}
+        for position, image_id in enumerate(caption_image_ids.to_pylist()):
+            self.place.setdefault(image_id, position)
+        self.last = -1
 
-    def write(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        buffered = pa.concat_tables(self.pending)
-        while buffered.num_rows >= self.rows_per_shard:
-            self._flush(buffered.slice(0, self.rows_per_shard))
-            buffered = buffered.slice(self.rows_per_shard)
-        self.pending = [buffered] if buffered.num_rows else []
-
-    def close(self) -> int:
-        if self.pending:
-            self._flush(pa.concat_tables(self.pending))
-        return self.shards
-
-    def _flush(self, table: pa.Table) -> None:
-        if self.shards == 0:
-            self.filesystem.create_dir(self.path, recursive=True)
-        pq.write_table(table, f"{self.path}/part-{self.shards:05d}.parquet", filesystem=self.filesystem)
-        self.shards += 1
+    def check(self, image_ids: list[str]) -> None:
+        for image_id in image_ids:
+            place = self.place.get(image_id, self.last)
+            if place < self.last:
+                raise RuntimeError(f"image {image_id} came back from the model out of input order")
+            self.last = place
 
 
 def _image_columns(config: EmbedConfig) -> list[str]:
@@ -79,11 +73,13 @@ def _embed_images(data: InferenceInput, model: ModelConfig, config: EmbedConfig,
     """Writes images/; returns (counts, reject rows, ids of the images written)."""
     regions = (PrepareConfig(regions=config.regions, proposals=config.proposals, max_regions=config.max_regions,
                              min_region_size=config.min_region_size) if "regions" in config.parts else None)
-    writer, progress = ShardWriter(out, "images", config.rows_per_shard), Progress("images", data.num_images)
+    writer, progress = ShardWriter(join(out, "images"), config.rows_per_shard), Progress("images", data.num_images)
+    in_order = _InputOrder(data.captions["image_id"])
     reject_rows, written, boxes = [], set(), 0
     for batch in image_embeddings(data, model, inference, regions=regions, dtype=config.dtype).iter_batches(
             batch_format="pyarrow", batch_size=None):
         progress.add(batch.num_rows)
+        in_order.check(batch["image_id"].to_pylist())
         reject_rows += [{"image_id": r["image_id"], "image_uri": r["image_uri"], "stage": "image",
                          "reason": r["reject_reason"], "detail": r["reject_detail"]}
                         for r in batch.filter(pc.is_valid(batch["reject_reason"])).to_pylist()]
@@ -112,12 +108,16 @@ def _embed_captions(data: InferenceInput, model: ModelConfig, config: EmbedConfi
     rejected = captions.filter(pc.is_valid(captions["reject_reason"]))
     reject_rows = [{"sample_id": r["sample_id"], "image_id": r["image_id"], "caption": r["caption"], "stage": "caption",
                     "reason": r["reject_reason"], "detail": r["reject_detail"]} for r in rejected.to_pylist()]
-    writer, progress = ShardWriter(out, "captions", config.rows_per_shard), Progress("captions", kept.num_rows)
+    writer = ShardWriter(join(out, "captions"), config.rows_per_shard)
+    progress, in_order = Progress("captions", kept.num_rows), InOrder("position")
     if kept.num_rows:
-        for batch in caption_embeddings(kept.select(["sample_id", "image_id", "caption"]), model, inference,
-                                        dtype=config.dtype).iter_batches(batch_format="pyarrow", batch_size=None):
+        rows = kept.select(["sample_id", "image_id", "caption"]).append_column(
+            "position", pa.array(range(kept.num_rows), pa.int64()))
+        for batch in caption_embeddings(rows, model, inference, dtype=config.dtype).iter_batches(
+                batch_format="pyarrow", batch_size=None):
             progress.add(batch.num_rows)
-            writer.write(batch)
+            writer.write(in_order.add(batch))
+    in_order.close(kept.num_rows)
     return {"captions_in": captions.num_rows, "captions_written": kept.num_rows,
             "captions_rejected": rejected.num_rows, "caption_shards": writer.close()}, reject_rows
 

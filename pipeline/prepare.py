@@ -1,28 +1,33 @@
 """The preparation pipeline: image rows -> decode -> regions -> one row per caption -> lexemes -> Parquet.
 
-Determinism: rows keep the source order (`preserve_order`), shards are cut in order into
-`part-00000-0.parquet`, ... so the same input and config write identical shards, whatever the
-number of actors. A destination that already holds anything is refused unless `overwrite`, which
-deletes it first; `dataset.json` is written last, so a dataset without it is incomplete.
+Determinism: every caption row carries `row`, its position in the source (images in
+`read_image_rows` order, each image's captions in order). The rejects are written sorted by it, and
+this process writes the shards itself, `part-00000-0.parquet`, ... of `rows_per_shard` rows, from
+the materialized rows put in `row` order (`InOrder`), so the bytes are a function of the input and
+config alone, whatever the number of actors or the load. (Ray Data's Parquet writer is not used:
+it hands each shard to `pyarrow.dataset.write_dataset(use_threads=True)`, which writes a table's
+record batches in whatever order its threads finish.) A destination that already holds anything
+is refused unless `overwrite`, which deletes it first; `dataset.json` is written last, so a dataset
+without it is incomplete.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import open_clip
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray.data
 import spacy
-from ray.data import ActorPoolStrategy, SaveMode
-from ray.data.datasource import FilenameProvider
+from ray.data import ActorPoolStrategy
 
 from harmoclip.config import PrepareConfig
 from harmoclip.model import register_tiny_configs
@@ -52,6 +57,7 @@ REJECTS_SCHEMA = pa.schema([
     ("reason", pa.string()), ("detail", pa.string()),
 ])
 COUNTER_COLUMNS = ("boxes_clipped", "boxes_dropped", "lexemes_truncated")
+ROW = "row"  # a caption row's position among all the source's caption rows: the order of everything written
 
 
 class DestinationError(ValueError):
@@ -75,24 +81,71 @@ def explode_stage(batch: pa.Table) -> pa.Table:
                 "regions": image["regions"], "gt_boxes": image["gt_boxes"],
                 "boxes_clipped": image["boxes_clipped"] if n == 0 else 0,
                 "boxes_dropped": image["boxes_dropped"] if n == 0 else 0,
-                "reject_reason": reason, "reject_detail": detail,
+                "reject_reason": reason, "reject_detail": detail, ROW: image["first_row"] + n,
             })
     schema = pa.schema([f for f in SCHEMA_V1 if f.name not in ("tokens", "lexemes")]
                        + [pa.field("boxes_clipped", pa.int32()), pa.field("boxes_dropped", pa.int32()),
-                          pa.field("reject_reason", pa.string()), pa.field("reject_detail", pa.string())])
+                          pa.field("reject_reason", pa.string()), pa.field("reject_detail", pa.string()),
+                          pa.field(ROW, pa.int64())])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def accepted_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reject_reason"])).select(SCHEMA_V1.names).cast(SCHEMA_V1)
+class ShardWriter:
+    """Tables in, `DIR/part-00000<suffix>.parquet`, ... of `rows_per_shard` rows each out, in the
+    order they came in, each file written whole by `pq.write_table` (one writer, so its bytes
+    depend only on its rows)."""
+
+    def __init__(self, uri: str, rows_per_shard: int, suffix: str = "", row_group_size: int | None = None) -> None:
+        self.filesystem, self.path = resolve(uri)
+        self.rows_per_shard, self.suffix, self.row_group_size = rows_per_shard, suffix, row_group_size
+        self.pending, self.shards = [], 0
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        buffered = pa.concat_tables(self.pending)
+        while buffered.num_rows >= self.rows_per_shard:
+            self._flush(buffered.slice(0, self.rows_per_shard))
+            buffered = buffered.slice(self.rows_per_shard)
+        self.pending = [buffered] if buffered.num_rows else []
+
+    def close(self) -> int:
+        if self.pending:
+            self._flush(pa.concat_tables(self.pending))
+            self.pending = []
+        return self.shards
+
+    def _flush(self, table: pa.Table) -> None:
+        if self.shards == 0:
+            self.filesystem.create_dir(self.path, recursive=True)
+        pq.write_table(table, f"{self.path}/part-{self.shards:05d}{self.suffix}.parquet", filesystem=self.filesystem,
+                       row_group_size=self.row_group_size)
+        self.shards += 1
 
 
-class ShardNames(FilenameProvider):
-    """`part-00000-0.parquet`, ... (Ray Data adds the file index): stable names, so a re-run
-    writes the same files."""
+class InOrder:
+    """Put a stream of tables back in order: each row's `column` holds its position 0, 1, 2, ...
+    in the output. `add` returns the rows that are now next, in position order (without the
+    column), and holds back only those behind a gap; a stream already in order passes straight
+    through. So what is written is a function of the positions alone, not of arrival order."""
 
-    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{task_index:05d}.parquet"
+    def __init__(self, column: str) -> None:
+        self.column, self.pending, self.next = column, [], 0
+
+    def add(self, table: pa.Table) -> pa.Table:
+        self.pending.append(table)
+        buffered = pa.concat_tables(self.pending)
+        buffered = buffered.take(pc.sort_indices(buffered[self.column]))
+        positions = buffered[self.column].to_numpy()
+        # Positions are unique, so sorted ones run next, next + 1, ... up to the first gap.
+        ready = int(np.count_nonzero(positions == np.arange(self.next, self.next + len(positions))))
+        self.next += ready
+        self.pending = [buffered.slice(ready)] if ready < buffered.num_rows else []
+        return buffered.slice(0, ready).drop_columns([self.column])
+
+    def close(self, expected: int) -> None:
+        if self.pending or self.next != expected:
+            raise RuntimeError(f"{self.column}: {self.next} of {expected} rows came back in order, "
+                               f"{sum(t.num_rows for t in self.pending)} held behind a gap")
 
 
 def check_destination(out: str, overwrite: bool) -> None:
@@ -137,6 +190,7 @@ def _counts(table: pa.Table, rows_in: int) -> dict[str, Any]:
 
 
 def _write_rejects(table: pa.Table, out: str) -> None:
+    """`table` (the summary, in `row` order) -> rejects/rejects-00000.parquet."""
     rejected = table.filter(pc.is_valid(table["reject_reason"]))
     stage = ["image" if r in IMAGE_LEVEL_REASONS else "caption" for r in rejected["reject_reason"].to_pylist()]
     rejects = pa.table({
@@ -147,6 +201,20 @@ def _write_rejects(table: pa.Table, out: str) -> None:
     filesystem, path = resolve(join(out, REJECTS_DIR))
     filesystem.create_dir(path, recursive=True)
     pq.write_table(rejects, f"{path}/rejects-00000.parquet", filesystem=filesystem)
+
+
+def _write_shards(dataset: ray.data.Dataset, out: str, summary: pa.Table, config: PrepareConfig) -> None:
+    """The accepted rows, block by block from the materialized dataset (never all at once), in
+    `row` order -> shards of `rows_per_shard` rows, a row group per `batch_size` rows."""
+    accepted = summary.filter(pc.is_null(summary["reject_reason"]))[ROW].to_numpy()  # sorted, as the summary
+    in_order = InOrder("position")
+    writer = ShardWriter(out, config.rows_per_shard, suffix="-0", row_group_size=config.batch_size)
+    for block in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows = block.filter(pc.is_null(block["reject_reason"]))
+        positions = pa.array(np.searchsorted(accepted, rows[ROW].to_numpy()), pa.int64())
+        writer.write(in_order.add(rows.select(SCHEMA_V1.names).cast(SCHEMA_V1).append_column("position", positions)))
+    in_order.close(len(accepted))
+    writer.close()
 
 
 def _context_length(tokenizer: str) -> int:
@@ -164,9 +232,11 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
     """Run the pipeline on the current Ray cluster; returns the `dataset.json` content."""
     check_destination(out, overwrite)
     images = read_image_rows(source, config.proposals)
-    rows_in = sum(len(c) for c in images["captions"].to_pylist())
+    captions_per_image = pc.list_value_length(images["captions"]).fill_null(0).to_numpy(zero_copy_only=False)
+    rows_in = int(captions_per_image.sum())
     if rows_in == 0:
         raise SourceError(f"{source.captions}: no captions found")
+    images = images.append_column("first_row", pa.array(np.cumsum(captions_per_image) - captions_per_image, pa.int64()))
 
     dataset = (
         dataset_of(images, config.batch_size)
@@ -181,22 +251,20 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
                      fn_constructor_kwargs={"spacy_pipeline": config.spacy_pipeline,
                                             "tokenizer_name": config.tokenizer})
     )
-    dataset.context.execution_options.preserve_order = True  # this dataset's own context, not the process's
+    # The context from_arrow made for this dataset, which every stage above shares: blocks come
+    # back in source order, so InOrder below has nothing to hold back. The order written does not
+    # rest on it.
+    dataset.context.execution_options.preserve_order = True
     dataset = dataset.materialize()
     summary = pa.concat_tables(
-        dataset.select_columns(["sample_id", "image_id", "image_uri", "caption_index", "caption", "lexemes",
+        dataset.select_columns([ROW, "sample_id", "image_id", "image_uri", "caption_index", "caption", "lexemes",
                                 "regions", "reject_reason", "reject_detail", *COUNTER_COLUMNS])
-        .iter_batches(batch_format="pyarrow", batch_size=None))
+        .iter_batches(batch_format="pyarrow", batch_size=None)).sort_by(ROW)
     counts = _counts(summary, rows_in)
     if counts["rows_written"] + counts["rows_rejected"] != rows_in:
         raise RuntimeError(f"row accounting is off: {counts}")
-
     if counts["rows_written"]:
-        filesystem, path = resolve(out)
-        shards = max(1, math.ceil(counts["rows_written"] / config.rows_per_shard))
-        (dataset.map_batches(accepted_rows, batch_format="pyarrow", batch_size=None)
-         .repartition(shards, shuffle=False)
-         .write_parquet(path, filesystem=filesystem, filename_provider=ShardNames(), mode=SaveMode.OVERWRITE))
+        _write_shards(dataset, out, summary, config)
     _write_rejects(summary, out)
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -1,11 +1,15 @@
 """Shared fixtures: a tiny model, a synthetic batch, a real S3-speaking server on 127.0.0.1, a local
-Ray, and a tiny prepared dataset."""
+Ray, a tiny prepared dataset, and a CPU burner for runs that must not depend on timing."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
+from contextlib import contextmanager
+from typing import Callable, ContextManager, Iterator
 
 import boto3
 import pytest
@@ -119,3 +123,24 @@ def clean_run(prepared, tmp_path_factory) -> dict:
     every resumed or restored run must end up equal to."""
     result = reference_run.train(prepared, tmp_path_factory.mktemp("clean") / "run")
     return {**result, "model": reference_run.MODEL, "settings": reference_run.SETTINGS}
+
+
+@contextmanager
+def burning_cpus() -> Iterator[None]:
+    """One busy process per core while the block runs. Niced like Ray's own workers (15) or lower,
+    or a run would take minutes; it still takes every cycle the run leaves and shifts the timing of
+    everything. (Also used outside pytest, by bench.repeat_prepare.)"""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(19))
+               for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+@pytest.fixture
+def cpu_burner() -> Callable[[], ContextManager[None]]:
+    """`with cpu_burner(): ...` runs the block with every core kept busy (`burning_cpus`)."""
+    return burning_cpus

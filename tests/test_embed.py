@@ -9,6 +9,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import open_clip
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +19,7 @@ from PIL import Image
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.model import pool_regions
 from jobs import embed as embed_job
+from pipeline.embed import _InputOrder
 from tests.coco_files import good_coco
 
 IMAGE_SIZE = (80, 60)  # good_coco's images
@@ -103,17 +105,20 @@ def test_every_row_is_written_or_rejected_and_equals_the_models_forward(local_ru
     assert captions["image_id"].to_pylist() == [f"{i:04d}.png" for i in range(1, 6) for _ in range(2)]
 
 
-def test_a_rerun_writes_the_same_bytes_and_a_full_out_is_refused(local_run, micro_weights, coco, capsys):
+def test_a_rerun_writes_the_same_bytes_and_a_full_out_is_refused(local_run, micro_weights, coco, capsys,
+                                                                  cpu_burner):
     out, _ = local_run
-    shards = sorted(out.glob("*/part-*.parquet"))
+    shards = sorted(out.glob("*/*.parquet"))  # images, captions and rejects
+    assert {path.parent.name for path in shards} == {"images", "captions", "rejects"}
     before = {path: path.read_bytes() for path in shards}
     argv = ["--checkpoint", micro_weights, "--model", "harmo-micro", "--data", str(coco), "--out", str(out),
             "--batch-size", "2", "--rows-per-shard", "3"]
     with pytest.raises(SystemExit) as refused:
         embed_job.main(argv)
     assert refused.value.code == 2 and "already holds files" in capsys.readouterr().err
-    embed_job.main([*argv, "--overwrite"])
-    assert sorted(out.glob("*/part-*.parquet")) == shards
+    with cpu_burner():  # the first run had the machine to itself
+        embed_job.main([*argv, "--overwrite"])
+    assert sorted(out.glob("*/*.parquet")) == shards
     assert all(path.read_bytes() == data for path, data in before.items())
 
 
@@ -164,3 +169,10 @@ def test_prepared_dataset_with_grid_boxes_and_manifest_with_felzenszwalb(ray_loc
     assert segments.num_rows == 3 and record["counts"]["boxes"] == sum(len(b) for b in segments["boxes"].to_pylist())
     assert all(boxes for boxes in segments["boxes"].to_pylist())  # every image has its two shapes segmented
     assert segments["width"].to_pylist() == [80, 80, 80]
+
+
+def test_images_out_of_input_order_fail_instead_of_writing_other_bytes():
+    order = _InputOrder(pa.chunked_array([["a.png", "a.png", "b.png", "c.png"]]))
+    order.check(["a.png", "no-captions.png", "b.png"])
+    with pytest.raises(RuntimeError, match="a.png came back from the model out of input order"):
+        order.check(["a.png"])

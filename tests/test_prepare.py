@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from harmoclip.config import PrepareConfig
 from harmoclip.storage import resolve
 from jobs.prepare import main as prepare_main
-from pipeline.prepare import DestinationError, prepare
+from pipeline.prepare import SCHEMA_V1, DestinationError, _write_shards, prepare
 from pipeline.sources import SourceError, find_source, read_image_rows
 from tests.coco_files import BAD_IMAGES, ODD_CAPTIONS, bad_coco, good_coco
 
@@ -52,9 +53,10 @@ def bad_run(bad_folders):
     return manifest, read_rows(str(out)), rejects
 
 
-def test_bad_input_gives_byte_identical_rejects_on_rerun(bad_folders, bad_run, tmp_path):
+def test_bad_input_gives_byte_identical_rejects_on_rerun(bad_folders, bad_run, tmp_path, cpu_burner):
     root, out, _ = bad_folders
-    run(str(root), str(tmp_path / "again"))
+    with cpu_burner():  # the first run had the machine to itself
+        run(str(root), str(tmp_path / "again"))
     assert digests(tmp_path / "again") == digests(out)
     assert any(p.startswith("rejects/") for p in digests(out))
     for reject in bad_run[2]:
@@ -151,12 +153,17 @@ def test_cli_reports_bad_json_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_same_input_writes_identical_shards_and_refuses_to_mix(ray_local, tmp_path):
+def test_same_input_writes_identical_shards_and_refuses_to_mix(ray_local, tmp_path, cpu_burner):
     root = good_coco(tmp_path / "coco", count=8)
     first = run(str(root), str(tmp_path / "a"))
-    run(str(root), str(tmp_path / "b"))
+    with cpu_burner():
+        run(str(root), str(tmp_path / "b"))
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
-    assert len([p for p in digests(tmp_path / "a") if p.startswith("part-")]) == 4  # 16 rows, 5 per shard
+    shards = sorted(p for p in digests(tmp_path / "a") if p.startswith("part-"))
+    assert shards == [f"part-0000{i}-0.parquet" for i in range(4)]  # 16 rows, 5 per shard: 5, 5, 5, 1
+    assert [pq.read_metadata(tmp_path / "a" / p).num_rows for p in shards] == [5, 5, 5, 1]
+    assert [(r["image_id"], r["caption_index"]) for r in read_rows(str(tmp_path / "a"))] == \
+        [(f"{i:04d}.png", c) for i in range(1, 9) for c in (0, 1)]  # source order
     with pytest.raises(DestinationError, match="already holds a prepared dataset"):
         run(str(root), str(tmp_path / "a"))
     (root / "captions.json").write_text((root / "captions.json").read_text().replace("two red squares", "a star"))
@@ -166,11 +173,43 @@ def test_same_input_writes_identical_shards_and_refuses_to_mix(ray_local, tmp_pa
     assert all("star" in r["caption"] or "red square left" in r["caption"] for r in read_rows(str(tmp_path / "a")))
 
 
-def test_two_actors_give_the_same_dataset_as_one(ray_local, tmp_path):
+def test_two_actors_give_the_same_dataset_as_one(ray_local, tmp_path, cpu_burner):
     root = good_coco(tmp_path / "coco", count=8)
     run(str(root), str(tmp_path / "one"), CONFIG)
-    run(str(root), str(tmp_path / "two"), PrepareConfig(**{**CONFIG.__dict__, "lexeme_actors": 2}))
+    with cpu_burner():
+        run(str(root), str(tmp_path / "two"), PrepareConfig(**{**CONFIG.__dict__, "lexeme_actors": 2}))
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
+
+
+class Blocks:
+    """Stands in for the materialized dataset: its blocks, in the order given."""
+
+    def __init__(self, blocks: list[pa.Table]) -> None:
+        self.blocks = blocks
+
+    def iter_batches(self, **_) -> list[pa.Table]:
+        return self.blocks
+
+
+def test_shards_are_written_in_source_order_whatever_order_blocks_come_back(tmp_path):
+    """The writer's order is the rows' `row` alone: blocks handed back in another order (as a
+    stream that lost its order would) write the same bytes."""
+    rows = [{"row": n, "sample_id": f"s{n}", "image_id": f"{n // 3:04d}.png", "image": b"x" * n,
+             "caption": f"caption {n}", "caption_index": n % 3,
+             "reject_reason": "empty_caption" if n % 4 == 3 else None} for n in range(20)]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([*SCHEMA_V1, ("reject_reason", pa.string()),
+                                                         ("row", pa.int64())]))
+    blocks = [table.slice(start, 4) for start in range(0, 20, 4)]
+    summary = table.select(["row", "reject_reason"])
+    config = PrepareConfig(rows_per_shard=6, batch_size=4)
+    orders = {"in_order": blocks, "reversed": blocks[::-1], "shuffled": [blocks[i] for i in (2, 0, 4, 1, 3)]}
+    for name, order in orders.items():
+        _write_shards(Blocks(order), str(tmp_path / name), summary, config)
+    assert digests(tmp_path / "reversed") == digests(tmp_path / "shuffled") == digests(tmp_path / "in_order")
+    written = read_rows(str(tmp_path / "in_order"))
+    assert [r["sample_id"] for r in written] == [f"s{n}" for n in range(20) if n % 4 != 3]
+    shards = [tmp_path / "in_order" / f"part-0000{i}-0.parquet" for i in range(3)]
+    assert [pq.read_metadata(shard).num_rows for shard in shards] == [6, 6, 3]
 
 
 def test_round_trip_through_s3(ray_local, bucket, tmp_path):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -51,16 +48,9 @@ def test_two_gloo_workers_train_checkpoint_and_log(clean_run):
     assert torch.isfinite(clip.logit_scale)
 
 
-def test_same_seed_gives_identical_losses_even_under_load(prepared, clean_run, tmp_path):
-    # One busy process per core. Niced like Ray's own workers (15) or lower, or the run would
-    # take minutes; it still takes every cycle the run leaves and shifts the timing of everything.
-    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(19))
-               for _ in range(os.cpu_count() or 1)]
-    try:
+def test_same_seed_gives_identical_losses_even_under_load(prepared, clean_run, tmp_path, cpu_burner):
+    with cpu_burner():
         loaded = train(prepared, tmp_path / "loaded")
-    finally:
-        for burner in burners:
-            burner.kill()
     for metric in ("loss", "gc", "lrc", "gr"):
         assert _history(loaded["tracking_uri"], metric) == _history(clean_run["tracking_uri"], metric), metric
 
