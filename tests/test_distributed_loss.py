@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from open_clip.loss import ClipLoss
 from torch.nn.parallel import DistributedDataParallel
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
@@ -78,6 +79,31 @@ def test_two_gloo_workers_match_one_process(tmp_path, method):
         for key in FEATURE_KEYS:
             expected = single_grads[key][rank * 4:(rank + 1) * 4]
             assert torch.allclose(grads[key] / 2, expected, atol=1e-6), (rank, key)
+
+
+def _clip_loss_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    """GC on this rank's half, with unique image ids, next to open_clip's own distributed ClipLoss
+    on the same half (both gather the other rank's features)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        outputs = make_outputs()
+        half = outputs["image_features"].shape[0] // world_size
+        image, text = (outputs[k][rank * half:(rank + 1) * half] for k in ("image_features", "text_features"))
+        ours = HarmoCLIPLoss(MethodConfig(lambda_lrc=0.0, lambda_gr=0.0))(
+            {"image_features": image, "text_features": text, "logit_scale": outputs["logit_scale"],
+             "image_ids": torch.arange(rank * half, (rank + 1) * half)})["gc"]
+        theirs = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world_size)(
+            image, text, outputs["logit_scale"])
+        torch.save((ours.detach(), theirs.detach()), f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_workers_with_unique_ids_give_open_clips_clip_loss_bit_for_bit(tmp_path):
+    mp.spawn(_clip_loss_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
+    for rank in range(2):
+        ours, theirs = torch.load(tmp_path / f"result.{rank}")
+        assert torch.equal(ours, theirs), (rank, ours.item(), theirs.item())
 
 
 STEPS, GLOBAL_BATCH = 3, 8

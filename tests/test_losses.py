@@ -151,6 +151,30 @@ def test_gr_two_captions_of_one_image_are_not_negatives_by_hand():
     assert loss.item() == pytest.approx((fused_to_text + text_to_fused) / 2, rel=1e-6)
 
 
+def test_gr_distribution_two_captions_of_one_image_are_not_negatives_by_hand():
+    """Distribution mode: both softmaxes (the global image's target and the fused regions') run over
+    the batch's captions without the other captions of the row's own image."""
+    method = MethodConfig(gr_attention_temperature=1.0, gr_mode="distribution")
+    loss, _ = global_region_alignment(SIB_IMAGES, SIB_TEXTS, SIB_REGIONS, torch.ones(3, 2, dtype=torch.bool), SIB_IDS,
+                                      torch.tensor(2.0), method)
+    (a0, a1), (b0, b1) = _fused_by_hand(1.0)
+    fused, texts, images = [(a0, a1), (a0, a1), (b0, b1)], SIB_TEXTS.tolist(), SIB_IMAGES.tolist()
+
+    def softmax_without(values: list[float], excluded: set[int]) -> list[float]:
+        total = sum(math.exp(v) for i, v in enumerate(values) if i not in excluded)
+        return [0.0 if i in excluded else math.exp(v) / total for i, v in enumerate(values)]
+
+    expected = 0.0
+    for row, excluded in ((0, {1}), (1, {0}), (2, set())):  # rows 0 and 1 show image 5
+        target = softmax_without([2 * (images[row][0] * t[0] + images[row][1] * t[1]) for t in texts], excluded)
+        predicted = softmax_without([2 * (fused[row][0] * t[0] + fused[row][1] * t[1]) for t in texts], excluded)
+        expected += sum(p * math.log(p / q) for p, q in zip(target, predicted) if p > 0)
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+    unmasked, _ = global_region_alignment(SIB_IMAGES, SIB_TEXTS, SIB_REGIONS, torch.ones(3, 2, dtype=torch.bool),
+                                          torch.tensor([5, 6, 7]), torch.tensor(2.0), method)
+    assert abs(unmasked.item() - loss.item()) > 1e-3  # the masking changes the loss
+
+
 def test_gc_with_unique_ids_is_clip_loss_bit_for_bit():
     gen = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(16, 8, generator=gen), dim=-1)
