@@ -114,10 +114,11 @@ class MethodConfig:
         "1 - cosine to the stop-gradient global image embedding; distribution: KL from the "
         "stop-gradient global image embedding's softmax over the batch's captions to the fused "
         "regions' softmax over the same captions (regions and global view agree on what is present); "
-        "anchor: no regions, 1 - cosine of the global image and text embeddings to those of a frozen "
-        "copy of the starting model ('without compromising global consistency' read literally; one "
-        "more forward pass per step; the default: the only mode that kept retrieval when fine-tuning "
-        "a base model in the harmony study; meant for fine-tuning, not for training from scratch).",
+        "anchor: no regions, 1 - cosine of the global image and text embeddings to the starting "
+        "model's embeddings of the same inputs, a teacher ('without compromising global consistency' "
+        "read literally; jobs.train computes those targets once per dataset, so no frozen model runs "
+        "in the step; the default: the only mode that kept retrieval when fine-tuning a base model in "
+        "the synthetic harmony study; meant for fine-tuning, not for training from scratch).",
         default="anchor",
     )
     gr_anchor: Literal["both", "image", "text"] = _help(
@@ -170,7 +171,7 @@ class MethodConfig:
 
     @property
     def needs_anchor(self) -> bool:
-        """GR's anchor mode compares with a frozen copy of the starting model."""
+        """GR's anchor mode compares with the starting model's embeddings (a teacher)."""
         return self.lambda_gr > 0 and self.gr_mode == "anchor"
 
 
@@ -311,7 +312,9 @@ class TrainConfig:
         default="PACK")
     max_failures: int = _help("Worker failures to recover from, each from the latest checkpoint.", default=2)
     mlflow_uri: Optional[str] = _help(
-        "MLflow tracking URI. None: sqlite:///<out>/mlflow.db for a local --out, else ./mlflow.db.", default=None
+        "MLflow tracking URI. None: sqlite:///<parent of --out>/mlflow.db for a local --out (jobs.tune: "
+        "<sweep>/mlflow.db), else ./mlflow.db; jobs.demo and bench.harmony keep theirs in their folder.",
+        default=None
     )
     experiment: str = _help("MLflow experiment name.", default="harmoclip")
     inject_crash_at_step: Optional[int] = _help(

@@ -1,4 +1,4 @@
-"""Retrieval and box-classification metrics (README "Evaluate"), on L2-normalised features.
+"""Retrieval and box-classification metrics (docs/evaluation.md), on L2-normalised features.
 
 Similarity is the dot product. Every metric reduces to one number per query: the pessimistic
 rank of its best-scoring correct candidate, i.e. how many wrong candidates score *at least as

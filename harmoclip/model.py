@@ -222,7 +222,7 @@ class HarmoCLIP(nn.Module):
         return features
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Everything `HarmoCLIPLoss` needs, from one batch dict (see README 'Batch format').
+        """Everything `HarmoCLIPLoss` needs, from one batch dict (see docs/api.md, 'Batch format').
 
         Inputs: images (B,3,H,W); tokens (B,C); optional image_ids (B,) int64 (rows of one image
         are never each other's negatives); and when regions are on: boxes (B,K,4)

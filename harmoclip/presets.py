@@ -11,7 +11,8 @@ from .config import MethodConfig
 
 METHOD_PRESETS: dict[str, MethodConfig] = {
     # The shipped default: word lexemes, lexeme -> image LRC, GR anchored to the starting model
-    # (a teacher: a frozen copy of the starting weights compared with in every step).
+    # (a teacher: every step is compared with the starting model's embeddings, which jobs.train
+    # computes once per dataset).
     "harmoclip": MethodConfig(),
     # The paper read literally: noun-chunk lexemes, both LRC directions, region-based contrastive
     # GR, every weight 1. No teacher.

@@ -1,5 +1,5 @@
 """A real 2-node Ray cluster on this machine with token auth and an S3 server, driven through the
-Jobs API as the README's cluster section does: prepare -> train (one worker per node, storage on
+Jobs API as docs/cluster.md does: prepare -> train (one worker per node, storage on
 s3://) -> evaluate; a sweep on s3:// that is stopped mid-way and resumed by submitting it again;
 and what the jobs print (their own progress, Ray's internals only with --verbose)."""
 
