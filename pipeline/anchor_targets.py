@@ -120,10 +120,11 @@ def ensure_anchor_targets(data: str, files: list[str], start: ModelConfig, seed:
     print(f"computing GR anchor targets once for {len(files)} shard(s) of {data} (starting model {start.name}) "
           f"-> {folder}", flush=True)
     resolve(folder)[0].create_dir(resolve(folder)[1], recursive=True)
-    written = report_progress_to_log(ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
-                                     ).map_batches(
-        _TargetWriter, batch_size=1, concurrency=1, num_gpus=1 if gpu else 0,
-        fn_constructor_kwargs={"start": start, "seed": seed, "spec": spec, "out": folder, "device": "cuda" if gpu else "cpu"})
+    shards = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    written = report_progress_to_log(shards).map_batches(
+        _TargetWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if gpu else 0,
+        fn_constructor_kwargs={"start": start, "seed": seed, "spec": spec, "out": folder,
+                               "device": "cuda" if gpu else "cpu"})
     rows = {str(row["file"]).rsplit("/", 1)[-1]: int(row["rows"]) for row in written.take_all()}
     write_bytes(join(folder, ANCHOR_FILE), json.dumps({"identity": identity, "rows": rows}, indent=2,
                                                       sort_keys=True).encode())
