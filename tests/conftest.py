@@ -96,7 +96,11 @@ def bucket(s3_server) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One real local Ray for the session: 2 cores plus 2 logical CPUs, as `jobs.common.init_ray` starts it."""
+    """One real local Ray for the session: 2 cores plus 2 logical CPUs, as `jobs.common.init_ray` starts it.
+
+    Files that use it sort after test_cluster.py (its 2-node cluster would otherwise share the
+    machine with this Ray, and Ray Train's placement-group cleaner in the cluster's jobs fails
+    with "Found multiple active Ray instances")."""
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)

@@ -145,7 +145,9 @@ def test_two_node_cluster_prepares_trains_and_evaluates_on_s3(cluster, client, d
     mlflow_db = tmp_path / "mlflow.db"
     assert [k for k in _keys(bucket, "prepared/") if k.endswith(".parquet") and "part-" in k]
 
-    logs.append(_run_job(client, f"python -m jobs.train --data s3://{bucket}/prepared --out s3://{bucket}/runs/r1 "
+    # From random weights: the literal reading, the method for training from scratch (no anchor).
+    logs.append(_run_job(client, f"python -m jobs.train --method paper --data s3://{bucket}/prepared "
+                                 f"--out s3://{bucket}/runs/r1 "
                                  f"--model harmo-micro --workers 2 --placement SPREAD --steps 4 --batch-size 4 "
                                  f"--checkpoint-every 2 --log-every 1 --mlflow-uri sqlite:///{mlflow_db}"))
     placement = dict(re.findall(r"worker rank (\d+)/2 on node ([0-9a-f]{16,})", logs[-1]))
