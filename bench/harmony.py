@@ -39,7 +39,7 @@ from harmoclip.config import TrainConfig
 from harmoclip.presets import DEFAULT_METHOD, METHOD_PRESETS
 from jobs.common import add_verbose_argument, init_ray, set_verbose
 from jobs.demo import examples
-from jobs.interpolate import write_blend
+from jobs.interpolate import write_blends
 from jobs.regime import (ARMS, RegimeMismatch, add_regime_arguments, evaluate_base, evaluate_cached,
                          finetune_and_evaluate, mean_r1, prepare_data, regime_from_args, run_dir, train_base,
                          write_holdout)
@@ -210,11 +210,10 @@ def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[in
         print(f"  {number}/{len(todo)} {name} seed {seed}: {brief(results)} ({time.monotonic() - started:.0f} s)",
               flush=True)
         if name in wise:
-            for alpha in WISE_ALPHAS:
+            blends = {alpha: run_dir(out, f"{name}_wise{alpha:g}", seed) for alpha in WISE_ALPHAS}
+            write_blends(run, {a: b for a, b in blends.items() if not os.path.exists(f"{b}/open_clip_weights.pt")})
+            for alpha, blend in blends.items():
                 blend_name = f"{name}_wise{alpha:g}"
-                blend = run_dir(out, blend_name, seed)
-                if not os.path.exists(f"{blend}/open_clip_weights.pt"):
-                    write_blend(run, alpha, blend)
                 blended = {"seed": seed, "checkpoint": blend, "val": evaluate_cached(blend, data["val"],
                                                                                      f"{blend}/results.json")}
                 if holdout_data:

@@ -35,24 +35,29 @@ def starting_model(run: str) -> ModelConfig:
 
 def interpolate_run(run: str, alphas: list[float], out: str) -> list[str]:
     """Write one run folder per alpha, `out/alpha<A>/`; returns their paths."""
-    return [write_blend(run, alpha, os.path.join(out, f"alpha{alpha:g}")) for alpha in alphas]
+    return write_blends(run, {alpha: os.path.join(out, f"alpha{alpha:g}") for alpha in alphas})
 
 
-def write_blend(run: str, alpha: float, folder: str) -> str:
-    """The blend of `run` with its starting weights at `alpha`, as a run folder."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"--alpha {alpha}: must be in [0, 1] (0 is the starting model, 1 the run)")
+def write_blends(run: str, folders: dict[float, str]) -> list[str]:
+    """The blends of `run` with its starting weights, one run folder per alpha (`folders`: alpha ->
+    folder); the run and its start are loaded once for all of them."""
+    for alpha in folders:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"--alpha {alpha}: must be in [0, 1] (0 is the starting model, 1 the run)")
+    if not folders:
+        return []
     config, source = read_checkpoint_config(run), starting_model(run)
     start = create_clip(source).state_dict()
     end = create_clip(model_to_use(run, None, None)).state_dict()
     clip = create_clip(ModelConfig(name=config["model"]["name"], image_size=config["model"].get("image_size")))
-    clip.load_state_dict(interpolate_weights(start, end, alpha))
-    save_open_clip_weights(clip, f"{folder}/{WEIGHTS_FILENAME}")
-    with open(f"{folder}/{CONFIG_FILENAME}", "w") as handle:
-        json.dump({**config, "interpolation": {"start": source.init_from or source.pretrained, "run": run,
-                                               "alpha": alpha}}, handle, indent=2, sort_keys=True, default=str)
-    print(f"alpha {alpha:g}: {folder}", flush=True)
-    return folder
+    for alpha, folder in folders.items():
+        clip.load_state_dict(interpolate_weights(start, end, alpha))
+        save_open_clip_weights(clip, f"{folder}/{WEIGHTS_FILENAME}")
+        with open(f"{folder}/{CONFIG_FILENAME}", "w") as handle:
+            json.dump({**config, "interpolation": {"start": source.init_from or source.pretrained, "run": run,
+                                                   "alpha": alpha}}, handle, indent=2, sort_keys=True, default=str)
+        print(f"alpha {alpha:g}: {folder}", flush=True)
+    return list(folders.values())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,9 +64,7 @@ class _TargetWriter:
 
     def __call__(self, item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         source = str(item["file"][0])
-        filesystem, _ = resolve(self.out)
-        target = join(self.out, source.rsplit("/", 1)[-1])
-        _, target_path = resolve(target)
+        filesystem, target_path = resolve(join(self.out, source.rsplit("/", 1)[-1]))
         rows = 0
         with filesystem.open_input_file(source) as handle:
             parquet = pq.ParquetFile(handle)
@@ -119,7 +117,7 @@ def ensure_anchor_targets(data: str, files: list[str], start: ModelConfig, seed:
         return folder
     print(f"computing GR anchor targets once for {len(files)} shard(s) of {data} (starting model {start.name}) "
           f"-> {folder}", flush=True)
-    resolve(folder)[0].create_dir(resolve(folder)[1], recursive=True)
+    filesystem.create_dir(resolve(folder)[1], recursive=True)
     shards = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
     written = report_progress_to_log(shards).map_batches(
         _TargetWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_gpus=1 if gpu else 0,

@@ -186,9 +186,9 @@ def read_window(item: pa.Table, data: str, files: tuple[str, ...], spec: BatchSp
     parts, positions = [], []
     for file_number in np.unique(file_of):
         groups = np.unique(group_of[file_of == file_number])
-        tables = _read_groups(filesystem, files[file_number], groups, TRAINING_COLUMNS)
+        tables, shape = _read_groups(filesystem, files[file_number], groups, TRAINING_COLUMNS)
         if spec.anchor_targets:  # the mirror shard: same row groups, same rows
-            targets = _read_mirror_groups(filesystem, files[file_number], spec.anchor_targets, groups)
+            targets = _read_mirror_groups(filesystem, files[file_number], shape, spec.anchor_targets, groups)
             tables = [pa.Table.from_arrays(t.columns + a.columns, t.column_names + a.column_names)
                       for t, a in zip(tables, targets)]
         for group, table in zip(groups, tables):
@@ -200,19 +200,19 @@ def read_window(item: pa.Table, data: str, files: tuple[str, ...], spec: BatchSp
         yield to_model_batch(rows.slice(start, batch_size), spec)
 
 
-def _read_groups(filesystem, path: str, groups: np.ndarray, columns: list[str]) -> list[pa.Table]:
-    """Row groups `groups` of one Parquet file, each read once, only `columns`."""
+def _read_groups(filesystem, path: str, groups: np.ndarray, columns: list[str]) -> tuple[list[pa.Table], list[int]]:
+    """Row groups `groups` of one Parquet file, each read once, only `columns`; and the rows of
+    every row group of the file (its shape, which an anchor-targets mirror must have)."""
     with filesystem.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle)
-        return [parquet.read_row_group(int(group), columns=list(columns)) for group in groups]
+        shape = [group.num_rows for group in _row_groups(parquet.metadata)]
+        return [parquet.read_row_group(int(group), columns=list(columns)) for group in groups], shape
 
 
-def _read_mirror_groups(filesystem, shard: str, folder: str, groups: np.ndarray) -> list[pa.Table]:
+def _read_mirror_groups(filesystem, shard: str, shape: list[int], folder: str, groups: np.ndarray) -> list[pa.Table]:
     """Row groups `groups` of `shard`'s mirror in the anchor targets `folder`, refused unless the
-    mirror has exactly the shard's row groups (targets made before the data was re-prepared)."""
+    mirror has exactly the shard's row groups, `shape` (targets made before the data was re-prepared)."""
     mirror = join(folder, shard.rsplit("/", 1)[-1])
-    with filesystem.open_input_file(shard) as handle:
-        shape = [group.num_rows for group in _row_groups(pq.ParquetFile(handle).metadata)]
     with filesystem.open_input_file(resolve(mirror)[1]) as handle:
         parquet = pq.ParquetFile(handle)
         if [group.num_rows for group in _row_groups(parquet.metadata)] != shape:
