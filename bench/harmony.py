@@ -17,7 +17,7 @@ of CONFIG blended with the base at alpha A (jobs.interpolate), evaluated, no tra
 Runs already in DIR are kept, so an interrupted study continues where it stopped.
 
     .venv/bin/python -m bench.harmony --seeds 0 1 2 --configs paper lrc_only --wise lrc_only --out outputs/harmony
-    .venv/bin/python -m bench.harmony --real ../shared/data/coco-real --seeds 0 1 2 --out outputs/real
+    .venv/bin/python -m bench.harmony --real COCO_DIR --seeds 0 1 2 --out outputs/real   # COCO_DIR: corpus/ and eval/
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ budget on the training set, then evaluates on validation.
 
 Two kinds of data: synthetic shapes written here (base corpus, train and val drawn with other
 seeds), or real photographs (`--real DIR`, a folder holding `corpus/` and `eval/` COCO folders
-such as ../shared/data/coco-real): the base pretrains on `corpus/`, the arms fine-tune on the same
+of real COCO photos): the base pretrains on `corpus/`, the arms fine-tune on the same
 photos with felzenszwalb regions (no boxes needed), and `eval/` (with COCO instances) validates.
 
 Everything is cached under the output folder: data, prepared data and the base model are made
@@ -178,7 +178,7 @@ def add_regime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", default=None, metavar="DIR",
                         help="real photos instead of synthetic shapes: a folder holding corpus/ (base pretraining "
                              "and fine-tuning) and eval/ (validation, with COCO instances), e.g. "
-                             "../shared/data/coco-real")
+                             "a few thousand COCO photos")
     parser.add_argument("--model", default=Regime.model, help="open_clip model of the base and every arm")
     parser.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
     parser.add_argument("--base-images", type=int, default=Regime.base_images, help="synthetic base corpus size")
