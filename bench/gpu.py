@@ -84,7 +84,7 @@ def run(dry_run: bool) -> list[tuple[str, str, str, float, list[str]]]:
     rows = []
 
     start = time.perf_counter()
-    losses = _quietly(smoke.main, ["--model", sizes.model, "--device", device, "--bf16", "--steps", "3",
+    losses = _quietly(smoke.main, ["--model", sizes.model, "--gpu", str(device == "cuda"), "--bf16", "--steps", "3",
                                    "--batch-size", str(sizes.step_batch)])
     rows.append(("jobs.smoke, bf16, 3 steps", f"loss {losses['loss']:.3f} (gc {losses['gc']:.3f}, lrc "
                  f"{losses['lrc']:.3f}, gr {losses['gr']:.3f})", "finite", time.perf_counter() - start,

@@ -1,4 +1,4 @@
-"""Preparation throughput on the synthetic shapes set.
+"""Preparation throughput on the synthetic shapes set, or on a COCO folder of real photos (--coco).
 
 1. Lexeme stage, captions/s per core, against raw `nlp.pipe` of the same spaCy pipeline (same
    disabled components) on one core over the same captions (target >= 0.90 of raw): our parser
@@ -8,6 +8,7 @@
 3. The whole `prepare` job, images/s.
 
     .venv/bin/python -m bench.prepare [--images 300]
+    .venv/bin/python -m bench.prepare --coco ../shared/data/coco-real/eval --images 256   # real photos
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def region_rates(root: str, images: int) -> dict[str, float]:
         width, height = Image.open(io.BytesIO(data)).size
         decoded.append({**row, "image": data, "width": width, "height": height})
     rates = {}
-    for method in ("gt", "grid", "felzenszwalb"):
+    for method in ("gt", "grid", "felzenszwalb") if os.path.exists(f"{root}/instances.json") else ("grid", "felzenszwalb"):
         config = PrepareConfig(regions=method)
         rates[method] = len(decoded) / timed(lambda: [propose(r, config, BoxCounts()) for r in decoded])
     return rates
@@ -86,17 +87,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--caption-repeats", type=int, default=4, help="repeat the caption list for stabler timings")
+    parser.add_argument("--coco", default=None, metavar="DIR",
+                        help="measure on every photo of this COCO folder (images/, captions.json; --images is then "
+                             "ignored) instead of generated shapes; the whole-prepare rows compare grid and "
+                             "felzenszwalb regions on its photos")
     args = parser.parse_args()
     ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
-        root = f"{tmp}/shapes"
-        write_shapes_dataset(root, images=args.images, seed=0, size=64)
+        root = args.coco or f"{tmp}/shapes"
+        if args.coco:
+            args.images = len(read_image_rows(find_source(root)))  # the whole prepare reads them all
+        else:
+            write_shapes_dataset(root, images=args.images, seed=0, size=64)
         captions = [a["caption"] for a in json.load(open(f"{root}/captions.json"))["annotations"]]
         lexemes = lexeme_rows(captions, args.caption_repeats)
         regions = region_rates(root, args.images)
         prepare(find_source(root), f"{tmp}/warm-up", PrepareConfig(regions="grid"))  # worker processes, imports
         whole = {}
-        for method in ("gt", "felzenszwalb"):
+        for method in ("grid", "felzenszwalb") if args.coco else ("gt", "felzenszwalb"):
             seconds = timed(lambda: prepare(find_source(root), f"{tmp}/out-{method}", PrepareConfig(regions=method)))
             whole[method] = args.images / seconds
 
@@ -105,10 +113,11 @@ def main() -> None:
     print("| variant | captions/s | ratio vs raw nlp.pipe |\n|---|---|---|")
     for name, rate in lexemes.items():
         print(f"| {name} | {rate:.0f} | {rate / raw:.2f} |")
-    print(f"\nRegion stage, {args.images} images of 64 px\n| method | images/s |\n|---|---|")
+    print(f"\nRegion stage, {args.images} images {'of ' + args.coco if args.coco else 'of 64 px'}"
+          "\n| method | images/s |\n|---|---|")
     for name, rate in regions.items():
         print(f"| {name} | {rate:.0f} |")
-    print(f"\nWhole prepare (Ray Data, local, {os.cpu_count()} cores), {args.images} images x 5 captions")
+    print(f"\nWhole prepare (Ray Data, local, {os.cpu_count()} cores), {args.images} images, {len(captions)} captions")
     print("| regions | images/s |\n|---|---|")
     for name, rate in whole.items():
         print(f"| {name} | {rate:.1f} |")

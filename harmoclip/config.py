@@ -13,8 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _help(text: str, hidden: bool = False, **kwargs: Any) -> Any:
+    """A field with its `--help` text; `hidden`: a test-only setting, left out of `--help`."""
+    return field(metadata={"help": text, "hidden": hidden}, **kwargs)
+
+
+# The meaning of `--regions` in every job that has it (each job adds its default and what it uses
+# the boxes for): harmoclip.cli.add_regions_argument, PrepareConfig and EmbedConfig.
+REGION_SOURCES = ("gt", "file", "grid", "felzenszwalb")
+REGIONS_HELP = ("Region proposals, where an image's boxes come from: gt (the ground-truth boxes of the COCO "
+                "instances file), file (COCO-format detection results, --proposals), grid (a multi-scale grid, "
+                "CLIPSelf-style), felzenszwalb (graph-based segmentation from scikit-image; needs no weights)")
 
 
 @dataclass(frozen=True)
@@ -27,7 +36,7 @@ class ModelConfig:
         default="harmo-tiny",
     )
     pretrained: Optional[str] = _help(
-        "Weights: an open_clip pretrained tag (needs a model hub), a local checkpoint file, or an "
+        "Pretrained weights: an open_clip pretrained tag (needs a model hub), a local checkpoint file, or an "
         "s3:// URI of one. None (and no --init-from) starts from random weights.",
         default=None,
     )
@@ -190,12 +199,8 @@ class PrepareConfig:
     """How raw image-caption data becomes prepared Parquet (schema v1)."""
 
     regions: Literal["gt", "file", "grid", "felzenszwalb"] = _help(
-        "Region proposals: gt (boxes of the COCO instances file), file (COCO-format detection "
-        "results, --proposals), grid (multi-scale grid, CLIPSelf-style), felzenszwalb (graph-based "
-        "segmentation from scikit-image; needs no weights).",
-        default="grid",
-    )
-    max_regions: int = _help("K: at most this many regions per image (highest score first).", default=20)
+        f"{REGIONS_HELP}. Default: grid.", default="grid")
+    max_regions: int = _help("At most this many regions per image (K), highest score first.", default=20)
     min_region_size: float = _help(
         "Regions whose width or height is below this fraction of the image side are dropped.", default=0.04
     )
@@ -212,8 +217,13 @@ class PrepareConfig:
     tokenizer: str = _help("open_clip model name whose tokenizer makes `tokens` and token spans.",
                            default="harmo-tiny")
     lexeme_actors: int = _help("Size of the spaCy actor pool (one pipeline loaded per actor).", default=1)
-    batch_size: int = _help("Rows per Ray Data batch in every stage.", default=64)
+    batch_size: int = _help("Rows per Ray Data batch, in every stage and per Parquet row group written "
+                            "(a row is an image with its captions).", default=64)
     rows_per_shard: int = _help("Rows per output Parquet shard.", default=2000)
+    fetch_timeout: float = _help("http(s) image URLs: seconds without an answer before a fetch attempt gives up.",
+                                 default=10.0)
+    fetch_retries: int = _help("http(s) image URLs: attempts after the first, on a timeout, a broken connection "
+                               "or HTTP 408/425/429/5xx (never on 404).", default=2)
 
     def __post_init__(self) -> None:
         if self.max_regions < 1:
@@ -224,17 +234,21 @@ class PrepareConfig:
             raise ValueError("--regions file needs --proposals (a COCO detection-results JSON)")
         if self.max_side < 16 or self.lexeme_actors < 1 or self.batch_size < 1 or self.rows_per_shard < 1:
             raise ValueError("max_side must be >= 16 and lexeme_actors, batch_size, rows_per_shard >= 1")
+        if self.fetch_timeout <= 0 or self.fetch_retries < 0:
+            raise ValueError(f"fetch_timeout must be > 0 and fetch_retries >= 0, got {self.fetch_timeout} "
+                             f"and {self.fetch_retries}")
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
     """How Ray Data runs a model over images and captions (jobs.evaluate, jobs.embed)."""
 
-    batch_size: int = _help("Images (or captions) per inference batch.", default=64)
+    batch_size: int = _help("Rows per Ray Data batch: images (or captions) per decode task and per model call.",
+                            default=64)
     actors: Optional[int] = _help(
         "Model actors per stage; each loads the model once (with --gpu, one GPU each). Default: one "
         "per GPU of the cluster with --gpu, else 1.", default=None)
-    gpu: bool = _help("Run the model actors on GPUs (one per actor); decoding stays on CPU tasks.",
+    gpu: bool = _help("Use GPUs: one per model actor; decoding stays on CPU tasks.",
                       default=False)
 
     def __post_init__(self) -> None:
@@ -252,17 +266,18 @@ class EmbedConfig:
     what: str = _help(
         "Comma-separated parts to embed: image (global image embedding), text (one per caption), "
         "regions (one per box, RoIAlign on the dense map).", default="image,text,regions")
-    regions: Literal["gt", "felzenszwalb", "grid", "file"] = _help(
-        "Boxes to embed with 'regions': gt (the data's ground-truth boxes, with their category), "
-        "felzenszwalb or grid (computed per image), file (COCO-format detections, --proposals).",
+    regions: Literal["gt", "file", "grid", "felzenszwalb"] = _help(
+        f"{REGIONS_HELP}. The boxes --what regions embeds (gt keeps each box's category). Default: gt.",
         default="gt")
     proposals: Optional[str] = _help("COCO detection-results JSON for --regions file.", default=None)
-    max_regions: int = _help("At most this many computed or file boxes per image (gt keeps all).", default=20)
+    max_regions: int = _help("At most this many regions per image, computed or from a file (gt keeps all).",
+                             default=20)
     min_region_size: float = _help(
-        "Computed or file boxes narrower or lower than this fraction of the image are dropped.", default=0.04)
+        "Regions whose width or height is below this fraction of the image side are dropped (computed or file "
+        "boxes; gt keeps all).", default=0.04)
     dtype: Literal["float32", "float16"] = _help("Stored embedding dtype (computed in float32).",
                                                  default="float32")
-    rows_per_shard: int = _help("Images (or captions) per output Parquet shard.", default=2000)
+    rows_per_shard: int = _help("Rows per output Parquet shard (a row is an image, or a caption).", default=2000)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -286,7 +301,8 @@ class TrainConfig:
     schedule_steps: Optional[int] = _help(
         "Length of the LR schedule (default: the step count). Larger lets a run stop early and continue "
         "later on the same schedule, as jobs.tune's ASHA rungs do.", default=None)
-    batch_size: int = _help("Samples per worker per step (the global batch is this x workers).", default=32)
+    batch_size: int = _help("Training samples per worker per step (the global batch is this x workers).",
+                            default=32)
     lr: float = _help("Peak AdamW learning rate.", default=5e-4)
     weight_decay: float = _help("AdamW weight decay (not applied to gains, biases, logit_scale).", default=0.1)
     warmup_steps: int = _help("Linear warm-up steps before the cosine decay.", default=30)
@@ -297,16 +313,18 @@ class TrainConfig:
     grad_norms: bool = _help(
         "At each log step, also log each loss term's gradient norm (one extra backward pass per term "
         "on those steps).", default=True)
-    max_regions: int = _help("K: region slots per sample (more are cut, fewer are masked).", default=20)
+    max_regions: int = _help("At most this many regions per image (K: region slots per sample; more are cut, "
+                             "fewer are masked).", default=20)
     max_lexemes: int = _help("L: lexeme slots per sample (more are cut, fewer are masked).", default=8)
     checkpoint_every: int = _help("Save a checkpoint every this many steps (and at the end).", default=100)
     checkpoint_upload: Literal["async", "sync"] = _help(
         "async: training goes on while the checkpoint is uploaded in the background (an upload that "
         "fails still fails the worker); sync: the step waits for the upload.", default="async")
     log_every: int = _help("Report metrics to Ray Train and MLflow every this many steps.", default=10)
-    seed: int = _help("Seed of the initial weights, of each epoch's caption choice and of data order.", default=0)
+    seed: int = _help("Random seed of the initial weights, of each epoch's caption choice and of data order.",
+                      default=0)
     workers: int = _help("Ray Train workers (one process each; gloo on CPU, nccl on GPU).", default=1)
-    gpu: bool = _help("One GPU per worker, bf16 autocast, nccl.", default=False)
+    gpu: bool = _help("Use GPUs: one per worker, bf16 autocast, nccl.", default=False)
     placement: Literal["PACK", "SPREAD"] = _help(
         "Ray placement of the workers: PACK fills a node first, SPREAD puts them on different nodes.",
         default="PACK")
@@ -318,10 +336,11 @@ class TrainConfig:
     )
     experiment: str = _help("MLflow experiment name.", default="harmoclip")
     inject_crash_at_step: Optional[int] = _help(
-        "Testing only: the worker of rank --inject-crash-rank exits abruptly at this step, once.", default=None
-    )
-    inject_crash_rank: int = _help("Testing only: which rank --inject-crash-at-step kills.", default=1)
-    inject_nan_at_step: Optional[int] = _help("Testing only: make the loss NaN at this step.", default=None)
+        "Testing only: the worker of rank --inject-crash-rank exits abruptly at this step, once.", hidden=True,
+        default=None)
+    inject_crash_rank: int = _help("Testing only: which rank --inject-crash-at-step kills.", hidden=True, default=1)
+    inject_nan_at_step: Optional[int] = _help("Testing only: make the loss NaN at this step.", hidden=True,
+                                              default=None)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_regions", "max_lexemes", "checkpoint_every", "log_every", "workers",

@@ -28,12 +28,23 @@ from .validation import check_boxes, check_lexeme_spans
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 TINY_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+HUB_PREFIX = "hf-hub:"  # open_clip fetches these models' configs from the Hugging Face hub
 
 
 def register_tiny_configs() -> None:
     """Make this project's tiny architectures known to `open_clip.create_model` by name."""
     if not set(TINY_MODELS) <= set(open_clip.list_models()):
         open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a model name open_clip neither knows (with this project's tiny configs) nor fetches
+    from a hub: a misspelt name is the user's to fix, so it is a ValueError naming the flag (exit 2
+    in the jobs), not open_clip's RuntimeError listing every model."""
+    register_tiny_configs()
+    if not name.startswith(HUB_PREFIX) and open_clip.get_model_config(name) is None:
+        raise ValueError(f"--model {name}: not an open_clip model (python -c 'import open_clip; "
+                         f"print(open_clip.list_models())' lists them; tiny ones: {', '.join(TINY_MODELS)})")
 
 
 def model_shape(model: ModelConfig) -> tuple[int, int]:
@@ -50,7 +61,7 @@ def model_shape(model: ModelConfig) -> tuple[int, int]:
 def create_clip(config: ModelConfig) -> CLIP:
     """An open_clip model; `pretrained` may be a hub tag, a local file or an s3:// URI, and
     `init_from` a jobs.train run/checkpoint folder or weights file (local or s3://)."""
-    register_tiny_configs()
+    check_model_name(config.name)
     pretrained = weights_of_run(config.init_from, config.name) if config.init_from else config.pretrained
     if pretrained and (is_remote(pretrained) or Path(pretrained).suffix):
         pretrained = fetch_to_local(pretrained)

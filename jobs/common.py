@@ -6,22 +6,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-import ray
-
+from harmoclip.cli import add_bool_argument
 from harmoclip.storage import is_remote, resolve
 
 VERBOSE_ENV = "HARMOCLIP_VERBOSE"
 # Libraries whose INFO lines describe Ray's machinery rather than the job's progress.
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
+# Where Ray's State API clients (Ray Train's controller among them) find the dashboard.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true",
-                        help=f"also print Ray's own INFO logs (default: WARNING and above; or set {VERBOSE_ENV}=1)")
+    add_bool_argument(parser, "--verbose",
+                      help=f"Also print Ray's own INFO logs, not only its warnings and errors (or set {VERBOSE_ENV}=1)")
 
 
 def set_verbose(enabled: bool) -> None:
@@ -54,22 +56,38 @@ def init_ray() -> None:
 
     A local Ray gets two more logical CPUs than cores: Ray Train workers each hold a CPU for the
     whole run, and the Ray Data tasks that feed them must still be schedulable on a small machine.
-    It runs the dashboard: Ray Train watches its controller through the State API it serves.
+    It runs the dashboard: Ray Train watches its controller through the State API it serves. A
+    local Ray's address goes into the environment its raylet and workers inherit: by default the
+    State API looks for "the" Ray on the machine and fails when another job runs its own beside
+    this one ("Found multiple active Ray instances"), so two jobs on one machine each keep to their
+    own.
     """
+    import ray  # here, not at the top: jobs.smoke shares this module and runs without Ray
+
     quiet_libraries()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=log_level())
     else:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=True, logging_level=log_level())
+        port = free_port()
+        os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, logging_level=log_level())
     quiet_libraries()  # ray.init configures the "ray" logger again
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def add_shared_fs_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shared-fs", action="store_true",
-                        help="--out is on a filesystem every node mounts (NFS, EFS, Lustre): allow a local path "
-                             "on a cluster of more than one node (default: such a cluster needs s3://)")
+    add_bool_argument(parser, "--shared-fs",
+                      help="--out is on a filesystem every node mounts (NFS, EFS, Lustre): allow a local path "
+                           "on a cluster of more than one node (default: such a cluster needs s3://)")
 
 
 def check_cluster_storage(out: str, shared_fs: bool) -> None:
@@ -79,6 +97,8 @@ def check_cluster_storage(out: str, shared_fs: bool) -> None:
     Call after init_ray. An autoscaling cluster may have one node now and more later: use s3://
     there whatever this check says.
     """
+    import ray
+
     if is_remote(out) or shared_fs:
         return
     nodes = sum(1 for node in ray.nodes() if node["Alive"])

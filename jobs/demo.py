@@ -20,15 +20,15 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from harmoclip import MethodConfig
-from harmoclip.cli import add_method_arguments, config_from_args, method_from_args
+from harmoclip.cli import add_bool_argument, add_method_arguments, config_from_args, method_from_args
 from harmoclip.config import TrainConfig
 from harmoclip.predict import Predictor
 from jobs import evaluate as evaluate_job
-from jobs.common import add_verbose_argument, init_ray, set_verbose
+from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from jobs.drawing import image_figure, png_bytes, show_boxes
 from jobs.predict import read_image
-from jobs.regime import (GC_ONLY, RegimeMismatch, add_regime_arguments, evaluate_base, finetune_and_evaluate, mean_r1,
-                         prepare_data, regime_from_args, run_dir, train_base)
+from jobs.regime import (GC_ONLY, RegimeMismatch, add_regime_arguments, check_real_folder, evaluate_base,
+                         finetune_and_evaluate, mean_r1, prepare_data, regime_from_args, run_dir, train_base)
 from pipeline.regions import BoxCounts, normalise_xywh
 from pipeline.sources import categories, find_source, read_image_rows
 
@@ -127,9 +127,10 @@ def _history(tracking_uri: str, run_dir: str) -> dict[str, list]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/demo", help="folder for data, base, runs, results.json and the plot")
+    parser.add_argument("--out", default="outputs/demo",
+                        help="Where to write: the folder for data, base, runs, results.json and the plot")
     add_regime_arguments(parser)
-    parser.add_argument("--region-only", action="store_true", help="also fine-tune the region-only ablation")
+    add_bool_argument(parser, "--region-only", help="also fine-tune the region-only ablation")
     add_method_arguments(parser)
     add_verbose_argument(parser)
     return parser
@@ -147,14 +148,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"examples: {out}/examples.png")
         return results
     started = time.monotonic()
-    method, finetune = method_from_args(args), config_from_args(args, TrainConfig)
-    regime = regime_from_args(args, finetune)
+    with user_errors(ValueError):  # a bad flag value, model name or --real folder, found before Ray starts
+        method, finetune = method_from_args(args), config_from_args(args, TrainConfig)
+        regime = regime_from_args(args, finetune)
+        if regime.real:
+            check_real_folder(regime.real)
     tracking_uri = finetune.mlflow_uri or f"sqlite:///{out}/mlflow.db"
     init_ray()
-    try:
+    with user_errors(RegimeMismatch):  # --out holds data, a base or runs made with other settings
         return _run(out, regime, method, finetune, tracking_uri, args.region_only, started)
-    except RegimeMismatch as err:
-        raise SystemExit(f"error: {err}") from err
 
 
 def _run(out: str, regime, method: MethodConfig, finetune: TrainConfig, tracking_uri: str, region_only: bool,

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from harmoclip.cli import add_config_arguments, add_inference_model_arguments, config_from_args, \
-    inference_model_from_args
+from harmoclip.cli import (INFERENCE_FLAGS, add_bool_argument, add_config_arguments, add_deprecated_alias,
+                          add_inference_model_arguments, config_from_args, inference_model_from_args)
 from harmoclip.config import EmbedConfig, InferenceConfig
 from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from pipeline.dataset import DatasetError
 from pipeline.embed import export_embeddings
-from pipeline.inference_data import read_inference_input
+from pipeline.inference_data import check_inference_input, read_inference_input
 from pipeline.prepare import DestinationError
 from pipeline.sources import SourceError
 
@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_model_arguments(parser)
     parser.add_argument("--data", required=True,
-                        help="COCO-format folder, manifest or prepared dataset (local or s3://)")
-    parser.add_argument("--out", required=True, help="output folder (local or s3://)")
-    parser.add_argument("--overwrite", action="store_true", help="replace what OUT holds (it is deleted first)")
+                        help="Dataset to read: a COCO-format folder, manifest or prepared dataset (local or s3://)")
+    parser.add_argument("--out", required=True, help="Where to write: OUT, the output folder (local or s3://)")
+    add_bool_argument(parser, "--overwrite", help="Replace what --out holds (it is deleted first)")
     add_config_arguments(parser, EmbedConfig)
-    add_config_arguments(parser, InferenceConfig)
+    add_config_arguments(parser, InferenceConfig, flags=INFERENCE_FLAGS)
+    add_deprecated_alias(parser, "--batch-size", "--rows-per-batch", dest="batch_size", type=int)
     add_verbose_argument(parser)
     return parser
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with user_errors(DatasetError, DestinationError, SourceError, ValueError, FileNotFoundError):
         model = inference_model_from_args(args)
         config, inference = config_from_args(args, EmbedConfig), config_from_args(args, InferenceConfig)
+        check_inference_input(args.data)
         init_ray()
         data = read_inference_input(args.data, proposals=config.proposals, batch_size=inference.batch_size)
         record = export_embeddings(data, args.data, model, args.out, config, inference, overwrite=args.overwrite)

@@ -27,8 +27,8 @@ import torch
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.checkpoint import model_to_use
 from harmoclip.model import INFERENCE_METHOD
-from harmoclip.cli import add_config_arguments, add_inference_model_arguments, config_from_args, \
-    inference_model_from_args
+from harmoclip.cli import INFERENCE_FLAGS, add_config_arguments, add_deprecated_alias, \
+    add_inference_model_arguments, config_from_args, inference_model_from_args
 from harmoclip.config import InferenceConfig
 from harmoclip.metrics import (DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall,
                                vocabulary_labels)
@@ -36,8 +36,13 @@ from harmoclip.storage import read_text, write_bytes
 from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from pipeline.dataset import DatasetError
 from pipeline.eval_data import gather
-from pipeline.inference_data import read_inference_input
+from pipeline.inference_data import check_inference_input, read_inference_input
 from pipeline.sources import SourceError, crowd_boxes
+
+
+CLASSES_HELP = "Vocabulary: class names, one per line, or a COCO categories json (local or s3://)"
+TEMPLATES_HELP = ("Prompt templates, one per line, each with {} for the class name (local or s3://); default: the "
+                  "6 built-in templates")
 
 
 def read_vocabulary(uri: str) -> list[str]:
@@ -140,16 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="COCO-format folder or prepared dataset (local or s3://)")
-    parser.add_argument("--out", default=None, help="write results.json here (local or s3://)")
-    parser.add_argument("--classes", default=None,
-                        help="vocabulary for box classification: one class name per line, or a COCO categories "
-                             "json (local or s3://). Boxes of other categories are left out and counted; names "
-                             "no box has act as distractors. Default: the dataset's categories")
-    parser.add_argument("--templates", default=None,
-                        help="prompt templates, one per line, each with {} for the class name (local or s3://); "
-                             "default: 6 built-in templates")
-    add_config_arguments(parser, InferenceConfig)
+    parser.add_argument("--data", required=True,
+                        help="Dataset to read: a COCO-format folder or a prepared dataset (local or s3://)")
+    parser.add_argument("--out", default=None, help="Where to write results.json: a file path, local or s3://")
+    parser.add_argument("--classes", default=None, metavar="FILE",
+                        help=f"{CLASSES_HELP}, for box classification. Boxes of other categories are left out and "
+                             "counted; names no box has act as distractors. Default: the dataset's categories")
+    parser.add_argument("--templates", default=None, metavar="FILE", help=TEMPLATES_HELP)
+    add_config_arguments(parser, InferenceConfig, flags=INFERENCE_FLAGS)
+    add_deprecated_alias(parser, "--batch-size", "--rows-per-batch", dest="batch_size", type=int)
     add_verbose_argument(parser)
     return parser
 
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_verbose(args.verbose)
     with user_errors(DatasetError, SourceError, ValueError, FileNotFoundError):
         model = inference_model_from_args(args)
+        check_inference_input(args.data)
         init_ray()
         results = evaluate(model, args.data, config=config_from_args(args, InferenceConfig), classes=args.classes,
                            templates=args.templates)

@@ -20,7 +20,7 @@ import torch
 from harmoclip import ModelConfig, create_clip
 from harmoclip.checkpoint import (CONFIG_FILENAME, WEIGHTS_FILENAME, interpolate_weights, model_to_use,
                                   read_checkpoint_config, save_open_clip_weights)
-from jobs.common import add_verbose_argument, user_errors
+from jobs.common import add_verbose_argument, set_verbose, user_errors
 
 
 def starting_model(run: str) -> ModelConfig:
@@ -63,17 +63,19 @@ def write_blends(run: str, folders: dict[float, str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.interpolate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a jobs.train run folder (local; it names its start)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="A trained model: a jobs.train run folder (local; it names its start)")
     parser.add_argument("--alpha", type=float, nargs="+", default=[0.5],
                         help="weight of the fine-tuned run in each blend (0: the starting model, 1: the run)")
-    parser.add_argument("--out", required=True, help="folder for one run folder per alpha (alpha0.5/, ...)")
+    parser.add_argument("--out", required=True, help="Where to write: one run folder per alpha (alpha0.5/, ...)")
     add_verbose_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = build_parser().parse_args(argv)
-    with user_errors(ValueError, FileNotFoundError), torch.no_grad():
+    set_verbose(args.verbose)
+    with user_errors(ValueError, OSError), torch.no_grad():  # OSError: a run or --out that cannot be read or written
         return interpolate_run(args.checkpoint, args.alpha, args.out)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from harmoclip.cli import add_deprecated_alias
+from jobs.common import add_verbose_argument, set_verbose, user_errors
 from pipeline.synthetic import write_shapes_dataset
 
 
@@ -18,25 +20,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.make_synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output folder (local path or s3:// URI); existing files of the same name are replaced")
-    parser.add_argument("--images", type=int, required=True, metavar="N", help="number of images to write (>= 1)")
+                        help="Where to write: DIR, a folder (local path or s3:// URI); existing files of the same "
+                             "name are replaced")
+    count = parser.add_mutually_exclusive_group(required=True)  # required, and given by the old --images too
+    count.add_argument("--num-images", type=int, metavar="N", help="Number of images to write (>= 1)")
+    add_deprecated_alias(count, "--images", "--num-images", dest="num_images", type=int)
     parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="random seed (>= 0); the same seed and arguments give identical files (default: 0)")
+                        help="Random seed (>= 0); the same seed and arguments give identical files (default: 0)")
     parser.add_argument("--size", type=int, default=64, metavar="PX",
                         help="side of the square images in pixels (>= 32, default: 64)")
     parser.add_argument("--captions-per-image", type=int, default=5, metavar="C",
                         help="captions written per image, different from each other where possible (default: 5)")
+    add_verbose_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        counts = write_shapes_dataset(args.out, args.images, seed=args.seed, size=args.size,
+    args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
+    with user_errors(ValueError, OSError):  # a bad count or size, or a --out that cannot be written
+        counts = write_shapes_dataset(args.out, args.num_images, seed=args.seed, size=args.size,
                                       captions_per_image=args.captions_per_image)
-    except ValueError as err:
-        parser.error(str(err))
     print(json.dumps(counts, indent=2))
     print(f"wrote {args.out}")
     return counts

@@ -2,7 +2,7 @@
 
     python -m jobs.predict --checkpoint RUN --image photo.png --boxes boxes.json --labels "red circle,blue square"
     python -m jobs.predict --checkpoint RUN --image s3://bucket/x.jpg --regions felzenszwalb \\
-        --labels-file classes.txt --query "a red circle" --out outputs/predict
+        --classes classes.txt --query "a red circle" --out outputs/predict
 
 The image (local or s3://) is read and checked as jobs.evaluate reads images, then the whole of
 it is squashed to the model's input size (no crop, so no box is cut away). Boxes: --boxes BOXES.json,
@@ -38,14 +38,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from harmoclip.cli import add_inference_model_arguments, inference_model_from_args
+from harmoclip.cli import (add_bool_argument, add_deprecated_alias, add_inference_model_arguments,
+                          add_regions_argument, device_is_gpu, inference_model_from_args)
 from harmoclip.config import PrepareConfig
 from harmoclip.metrics import DEFAULT_TEMPLATES, check_class_names
 from harmoclip.predict import BoxLabels, Predictor
 from harmoclip.storage import join, read_text, write_bytes
-from jobs.common import user_errors
+from jobs.common import add_verbose_argument, set_verbose, user_errors
 from jobs.drawing import BOX_COLOURS, image_figure, png_bytes, show_boxes, show_heatmap
-from jobs.evaluate import read_templates, read_vocabulary
+from jobs.evaluate import CLASSES_HELP, TEMPLATES_HELP, read_templates, read_vocabulary
 from pipeline.images import Rejected, read_checked, to_rgb
 from pipeline.regions import BoxCounts, propose
 
@@ -102,9 +103,9 @@ def proposed_boxes(image: Image.Image, method: str, max_regions: int) -> list[tu
 
 
 def read_labels(args: argparse.Namespace) -> list[str]:
-    """--labels split on commas (blank entries dropped), or --labels-file; checked for blanks and repeats."""
+    """--labels split on commas (blank entries dropped), or --classes; checked for blanks and repeats."""
     labels = ([name.strip() for name in args.labels.split(",") if name.strip()] if args.labels is not None
-              else read_vocabulary(args.labels_file))
+              else read_vocabulary(args.classes))
     check_class_names(labels, "label list")
     return labels
 
@@ -171,7 +172,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
     else:
         boxes, boxes_from = [(0.0, 0.0, 1.0, 1.0)], WHOLE_IMAGE
     model = inference_model_from_args(args)
-    predictor = Predictor(model, args.device)
+    predictor = Predictor(model, "cuda" if args.gpu else "cpu")
     labelled = predictor.classify(image, boxes, labels, args.top_k, templates)
     heatmaps = [predictor.heatmap(image, query) for query in args.query]
     predictions = {
@@ -196,35 +197,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_model_arguments(parser)
-    parser.add_argument("--image", required=True, help="the image: a local path or s3:// URI")
+    parser.add_argument("--image", required=True, help="One image: a local path or s3:// URI")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--boxes", default=None, metavar="BOXES.json", help=f"the boxes to label: {BOX_HELP}")
-    where.add_argument("--regions", default=None, choices=["felzenszwalb", "grid"],
-                       help="label region proposals instead, computed as jobs.prepare does (default without "
-                            "--boxes either: the whole image as one box)")
+    add_regions_argument(where, None, "Here grid or felzenszwalb, computed as jobs.prepare does, labelled instead of "
+                                      "--boxes (default, without --boxes either: the whole image as one box).",
+                         choices=("grid", "felzenszwalb"))
     parser.add_argument("--max-regions", type=int, default=PrepareConfig.max_regions,
-                        help="with --regions: at most this many (default: %(default)s), best first: felzenszwalb's "
-                             "largest segments, grid's coarse levels (its 4 levels have 30 cells)")
+                        help="At most this many regions per image, with --regions (default: %(default)s), best "
+                             "first: felzenszwalb's largest segments, grid's coarse levels (its 4 levels have 30 "
+                             "cells)")
     vocabulary = parser.add_mutually_exclusive_group(required=True)
-    vocabulary.add_argument("--labels", default=None, help='comma-separated labels, e.g. "red circle,blue square"')
-    vocabulary.add_argument("--labels-file", default=None,
-                            help="labels, one per line, or a COCO categories json (a COCO instances file works); "
-                                 "local or s3://")
-    parser.add_argument("--templates", default=None,
-                        help="prompt templates, one per line, each with {} for the label (local or s3://); "
-                             "default: the 6 built-in templates jobs.evaluate uses")
+    vocabulary.add_argument("--labels", default=None,
+                            help='Class names given inline, comma-separated, e.g. "red circle,blue square"')
+    vocabulary.add_argument("--classes", default=None, metavar="FILE",
+                            help=f"{CLASSES_HELP}; a COCO instances file works: the labels each box is scored "
+                                 "against")
+    add_deprecated_alias(vocabulary, "--labels-file", "--classes", dest="classes")
+    parser.add_argument("--templates", default=None, metavar="FILE", help=TEMPLATES_HELP)
     parser.add_argument("--query", nargs="+", action="extend", default=[], metavar="TEXT",
                         help="phrases to find: one heatmap each (repeat the flag or give several)")
     parser.add_argument("--top-k", type=int, default=5, help="labels kept per box, best first (default: %(default)s)")
     parser.add_argument("--out", default="outputs/predict",
-                        help="folder for predictions.json and the figures, local or s3:// (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device to run the model on (default: %(default)s; "
-                                                        "cuda for a GPU)")
+                        help="Where to write predictions.json and the figures: a folder, local or s3:// (default: "
+                             "%(default)s)")
+    add_bool_argument(parser, "--gpu", help="Use GPUs: run the model on the first CUDA device (default: the CPU)")
+    add_deprecated_alias(parser, "--device", "--gpu", dest="gpu", type=device_is_gpu)
+    add_verbose_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
     with user_errors(ValueError, OSError):
         predictions = predict(args)
     print(format_table(predictions))

@@ -28,7 +28,8 @@ from typing import Any, Callable
 from typing import Optional
 
 from harmoclip import MethodConfig, ModelConfig
-from harmoclip.cli import add_config_arguments
+from harmoclip.model import check_model_name
+from harmoclip.cli import add_config_arguments, add_regions_argument
 from harmoclip.config import PrepareConfig, TrainConfig
 from harmoclip.presets import METHOD_PRESETS
 from jobs import evaluate as evaluate_job
@@ -179,23 +180,29 @@ def add_regime_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real photos instead of synthetic shapes: a folder holding corpus/ (base pretraining "
                              "and fine-tuning) and eval/ (validation, with COCO instances), e.g. "
                              "a few thousand COCO photos")
-    parser.add_argument("--model", default=Regime.model, help="open_clip model of the base and every arm")
-    parser.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's)")
+    parser.add_argument("--model", default=Regime.model, help="open_clip model name of the base and every arm")
+    parser.add_argument("--image-size", type=int, default=None, help="Input side in pixels (default: the model's)")
     parser.add_argument("--base-images", type=int, default=Regime.base_images, help="synthetic base corpus size")
     parser.add_argument("--base-steps", type=int, default=None,
                         help=f"base pretraining steps (default {Regime.base_train.steps}, "
                              f"{REAL_REGIME.base_train.steps} with --real)")
     parser.add_argument("--train-images", type=int, default=Regime.train_images, help="synthetic train set size")
     parser.add_argument("--val-images", type=int, default=Regime.val_images, help="synthetic val set size")
-    parser.add_argument("--regions", default=Regime.regions, choices=["felzenszwalb", "grid", "gt"],
-                        help="training region proposals (felzenszwalb and grid need no annotation)")
+    add_regions_argument(parser, Regime.regions, f"Here those of the fine-tuning data (grid and felzenszwalb need no "
+                                                 f"annotation; the GC-only base uses none). Default: {Regime.regions}.",
+                         choices=("gt", "grid", "felzenszwalb"))
     add_config_arguments(parser, TrainConfig)
     parser.set_defaults(**{k: getattr(Regime.finetune, k) for k in ("steps", "batch_size", "lr", "warmup_steps",
                                                                    "checkpoint_every", "log_every")})
 
 
 def regime_from_args(args: argparse.Namespace, finetune: TrainConfig) -> Regime:
-    """The regime of the parsed flags; the base trains with the arms' batch size."""
+    """The regime of the parsed flags; the base trains with the arms' batch size. A bad value is
+    refused here, before any data is written or Ray starts."""
+    for name in ("base_images", "train_images", "val_images"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    check_model_name(args.model)
     start = REAL_REGIME if args.real else Regime()
     base_steps = args.base_steps or start.base_train.steps
     return Regime(model=args.model, image_size=args.image_size,

@@ -14,29 +14,40 @@ import torch
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, create_clip
 from harmoclip.batch import synthetic_batch
-from harmoclip.cli import add_method_arguments, add_model_arguments, method_from_args, model_from_args
+from harmoclip.cli import (add_bool_argument, add_deprecated_alias, add_method_arguments, add_model_arguments,
+                          device_is_gpu, method_from_args, model_from_args)
+from jobs.common import add_verbose_argument, set_verbose, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.smoke", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps on the batch")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, cuda:1, ...)")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as jobs.train runs with --gpu")
+    parser.add_argument("--steps", type=int, default=10, help="Optimizer steps on the batch")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="Training samples per worker per step (one process here: the synthetic batch)")
+    parser.add_argument("--seed", type=int, default=0, help="Random seed of the weights and of the synthetic batch")
+    add_bool_argument(parser, "--gpu", help="Use GPUs: run on the first CUDA device (else the CPU)")
+    add_deprecated_alias(parser, "--device", "--gpu", dest="gpu", type=device_is_gpu)
+    add_bool_argument(parser, "--bf16", help="bfloat16 autocast, as jobs.train runs with --gpu")
     add_model_arguments(parser)
     add_method_arguments(parser)
+    add_verbose_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
-
-    torch.manual_seed(args.seed)
-    method = method_from_args(args)
-    device = torch.device(args.device)
-    model = HarmoCLIP(create_clip(model_from_args(args)), method).to(device)
+    set_verbose(args.verbose)
+    with user_errors(ValueError, OSError):  # a bad flag value, model name or weights file: exit 2
+        if args.steps < 1 or args.batch_size < 1:
+            raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
+        torch.manual_seed(args.seed)
+        method = method_from_args(args)
+        if args.gpu and not torch.cuda.is_available():
+            raise ValueError("--gpu: no CUDA device is visible here")
+        device = torch.device("cuda" if args.gpu else "cpu")
+        clip = create_clip(model_from_args(args))
+    model = HarmoCLIP(clip, method).to(device)
     loss_fn = HarmoCLIPLoss(method)
     batch = {k: v.to(device) for k, v in synthetic_batch(args.model_name, model.image_size,
                                                          batch_size=args.batch_size, seed=args.seed).items()}

@@ -5,7 +5,9 @@ captions chosen by the seed, in an order fixed by the seed alone (pipeline.sampl
 reads and decodes each worker's rows. Trains on N workers with DDP (gloo on CPU, nccl + bf16
 autocast with --gpu), checkpoints every --checkpoint-every steps to OUT (local path or s3://), and
 resumes exactly (weights, optimizer, data position) from the latest checkpoint after a worker
-failure or when the same command is run again. --init-from fine-tunes a trained model. Rank 0
+failure or when the same command is run again (OUT/config.json records every setting when a run
+starts; another setting is refused unless --resume, and --config OUT/config.json replays a run
+with it). --init-from fine-tunes a trained model. Rank 0
 logs the whole config and per-step metrics to MLflow. OUT ends up holding open_clip_weights.pt
 (loadable with open_clip.create_model(name, pretrained=...)) and harmoclip.json for jobs.evaluate.
 """
@@ -17,6 +19,7 @@ import bisect
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import sys
@@ -33,23 +36,29 @@ from ray.train.torch import TorchTrainer
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
 from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, load_checkpoint, write_checkpoint
-from harmoclip.cli import (add_config_arguments, add_method_arguments, add_model_arguments, config_from_args,
-                          method_from_args, model_from_args)
+from harmoclip.cli import (add_bool_argument, add_config_arguments, add_method_arguments, add_model_arguments,
+                          config_from_args, method_from_args, model_from_args)
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.model_card import write_model_card, write_safetensors
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine
-from harmoclip.storage import join, resolve, upload_directory
+from harmoclip.storage import is_remote, join, resolve, upload_directory, write_bytes
 from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray, log_level,
                          quiet_libraries, run_storage, set_verbose, user_errors)
 from jobs.tracking import RunTracker, default_tracking_uri
-from pipeline.sampling import DatasetIndex, Schedule
-from pipeline.dataset import DatasetError
+from pipeline.sampling import DatasetIndex, Schedule, build_index
+from pipeline.dataset import DatasetError, read_dataset_manifest, shard_files
 from pipeline.anchor_targets import ensure_anchor_targets
 from pipeline.train_data import BatchSpec, training_index, worker_batches
 
 LOSS_TERMS = ("loss", "gc", "lrc", "gr")
 UPLOAD_MODES = {"async": CheckpointUploadMode.ASYNC, "sync": CheckpointUploadMode.SYNC}
 PROGRESS_LINES = 10  # rank 0 prints about this many progress lines per run, however long
+RUN_RECORD = "config.json"  # OUT/config.json: every setting of the run, written when it starts
+# Settings that change how a run is carried out, not what it trains: a re-run may change them
+# without --resume (a longer --max-failures after a crash, say).
+NOT_COMPARED = frozenset(f"train.{name}" for name in ("max_failures", "checkpoint_upload", "placement",
+                                                      "inject_crash_at_step", "inject_crash_rank",
+                                                      "inject_nan_at_step"))
 
 
 def worker_progress(level: int) -> logging.Logger:
@@ -222,14 +231,97 @@ def _copy_final(checkpoint_path: str, filesystem, out: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="prepared dataset (jobs.prepare output), local or s3://")
-    parser.add_argument("--out", required=True, help="run folder for checkpoints and results, local or s3://")
+    parser.add_argument("--data", help="Dataset to read: a prepared dataset (jobs.prepare output), local or s3:// "
+                                       "(required unless --config gives it)")
+    parser.add_argument("--out", required=True, help="Where to write: the run folder for checkpoints and results, "
+                                                     "local or s3://")
     add_model_arguments(parser)
     add_method_arguments(parser)
     add_config_arguments(parser, TrainConfig)
+    parser.add_argument("--config", metavar="RUN/config.json",
+                        help="replay a recorded run: every setting from its config.json (or its run folder), "
+                             "the flags given here on top")
+    add_bool_argument(parser, "--resume",
+                      help="continue the run in --out under these settings even where they differ from the "
+                           "ones it was started with (default: such a re-run is refused, listing what differs)")
     add_shared_fs_argument(parser)
     add_verbose_argument(parser)
     return parser
+
+
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, on top of a recorded run's settings when --config names one: the record becomes
+    the parser's defaults, so a flag given here wins. With --method given here, the recorded
+    method fields are left out (the preset, and its field flags, replace them)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = argparse.ArgumentParser(prog=parser.prog, add_help=False)
+    for flag in ("--config", "--method"):
+        first.add_argument(flag)
+    given, _ = first.parse_known_args(argv)
+    if given.config:
+        record = read_run_record(given.config if given.config.endswith(".json") else join(given.config, RUN_RECORD))
+        if record is None:
+            raise FileNotFoundError(f"--config {given.config}: no such run record")
+        parser.set_defaults(data=record["data"], **{f"model_{k}": v for k, v in record["model"].items()},
+                            **({} if given.method else record["method"]), **record["train"])
+    args = parser.parse_args(argv)
+    if args.data is None:
+        parser.error("the following arguments are required: --data (or --config RUN/config.json)")
+    return args
+
+
+def run_record(data: str, model: ModelConfig, method: MethodConfig, train: TrainConfig) -> dict[str, Any]:
+    """What OUT/config.json holds: every setting of a run (a local --data as an absolute path, so
+    that the record names the same data from any directory)."""
+    return {"data": data if is_remote(data) else os.path.abspath(data), "model": dataclasses.asdict(model),
+            "method": dataclasses.asdict(method), "train": dataclasses.asdict(train)}
+
+
+def read_run_record(uri: str) -> dict[str, Any] | None:
+    """A run's config.json, or None where there is none (a new run, or one made before runs kept it)."""
+    filesystem, path = resolve(uri)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record as `section.field -> value` (the names MLflow's params have)."""
+    return {"data": record["data"], **{f"{section}.{key}": value for section in ("model", "method", "train")
+                                       for key, value in record[section].items()}}
+
+
+def changed_settings(recorded: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`section.field: old -> new` for every compared setting that differs between two records."""
+    old, now = _flat(recorded), _flat(new)
+    return [f"{key}: {old.get(key)} -> {now.get(key)}" for key in sorted(old.keys() | now.keys())
+            if key not in NOT_COMPARED and old.get(key) != now.get(key)]
+
+
+def check_rerun(out: str, record: dict[str, Any], resume: bool) -> None:
+    """Refuse to continue the run in `out` under other settings than it started with, unless
+    --resume: its checkpoints would silently go on under the new ones, one set of weights made by
+    two configurations. The same settings continue it (or find it finished) as before."""
+    recorded = read_run_record(join(out, RUN_RECORD))
+    changed = changed_settings(recorded, record) if recorded and not resume else []
+    if changed:
+        raise ValueError(f"--out {out} holds a run started with other settings:\n  " + "\n  ".join(changed)
+                         + "\npass --resume to continue it with the new ones, or another --out for a new run")
+
+
+def epochs_as_steps(data: str, train: TrainConfig) -> int:
+    """The steps run() trains for `train.epochs` on `data`, from the dataset's layout alone (no
+    model, no Ray): jobs.tune cuts its rungs from the real length before any trial starts."""
+    read_dataset_manifest(data)  # a missing or unfinished dataset is named
+    schedule = Schedule(build_index(*shard_files(data)), train.seed, train.workers, train.batch_size,
+                        train.shuffle_window)
+    steps = schedule.steps_in_epochs(train.epochs)
+    if steps == 0:
+        raise DatasetError(f"{data}: an epoch has no full global batch ({train.batch_size} x {train.workers} workers)")
+    return steps
 
 
 def batch_spec(clip: torch.nn.Module, model: ModelConfig, method: MethodConfig, train: TrainConfig) -> BatchSpec:
@@ -262,6 +354,7 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
     run_spec = RunSpec(data, out, model, method, train, spec, ray.put(index), total_steps,
                        max(total_steps, train.schedule_steps or 0), train.mlflow_uri or default_tracking_uri(out),
                        parent_run_id, log_level())
+    write_bytes(join(out, RUN_RECORD), json.dumps(run_record(data, model, method, train), indent=2).encode())
     storage_path, name, filesystem = run_storage(out)
     trainer = TorchTrainer(
         train_worker,
@@ -284,11 +377,13 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    set_verbose(args.verbose)
     with user_errors(DatasetError, ValueError, FileNotFoundError):
+        args = parse_command_line(argv)
+        set_verbose(args.verbose)
         model = model_from_args(args)
         method, train = method_from_args(args), config_from_args(args, TrainConfig)
+        check_rerun(args.out, run_record(args.data, model, method, train), args.resume)
+        read_dataset_manifest(args.data)  # a missing or unfinished dataset is named before Ray starts
         init_ray()
         check_cluster_storage(args.out, args.shared_fs)
         metrics = run(args.data, args.out, model, method, train)

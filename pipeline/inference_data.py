@@ -1,7 +1,8 @@
 """Images, their boxes and their captions, ready for a model: the input side of jobs.evaluate and
 jobs.embed.
 
-DATA is what jobs.prepare reads (a COCO-format folder, a manifest) or a prepared dataset. The
+DATA is what jobs.prepare reads (a COCO-format folder, a manifest, WebDataset shards, a sharded
+manifest) or a prepared dataset. The
 driver reads only metadata: image ids, caption texts, box lists. Image bytes are read and decoded
 by Ray Data tasks, which hand the model actors square uint8 pixels at the model's input size, so
 the driver never holds an image and memory is bounded by Ray Data's blocks in flight, however
@@ -28,7 +29,9 @@ from .dataset import DatasetError, read_dataset_manifest, shard_files
 from .images import Rejected, read_checked, to_rgb
 from .prepare import DATASET_FILE
 from .regions import GT_BOX_TYPE, BoxCounts, normalise_xywh, propose
-from .sources import IMAGE_ROW_SCHEMA, blank_caption, categories, find_source, read_image_rows
+from .shards import FIRST_ROW, image_rows
+from .sources import (IMAGE_ROW_SCHEMA, SHARDED_MANIFEST, WEBDATASET, Source, blank_caption, categories, find_source,
+                      read_image_rows)
 
 MAX_PIXELS = PrepareConfig().max_pixels
 BOX_TYPE = pa.list_(pa.float32(), 4)  # normalised x0, y0, x1, y1
@@ -75,8 +78,38 @@ def _caption_rows(image_rows: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA)
 
 
+def _as_image_input(batch: pa.Table) -> pa.Table:
+    """IMAGE_ROWS_SCHEMA rows (pipeline.shards) -> IMAGE_INPUT_SCHEMA rows, the source's bytes kept."""
+    return pa.table({
+        "image_id": batch["image_key"], "image_uri": batch["image_uri"], "image": batch["image"],
+        "boxes": pa.nulls(batch.num_rows, pa.list_(GT_BOX_TYPE)), "gt_boxes": batch["gt_boxes"],
+        "proposals": batch["proposals"], "reject_reason": batch["reject_reason"],
+        "reject_detail": batch["reject_detail"],
+    }, schema=IMAGE_INPUT_SCHEMA)
+
+
+def _from_shards(source: Source, batch_size: int) -> InferenceInput:
+    """WebDataset shards or a sharded manifest, read by Ray Data tasks; only the captions and ids
+    come here. Images are sorted into input order (their first caption's), as the consumers expect."""
+    rows = image_rows(source, batch_size=batch_size)
+    metadata = [t for t in rows.dataset.select_columns(["image_key", "captions", "gt_boxes", "reject_reason",
+                                                        "reject_detail", FIRST_ROW])
+                .iter_batches(batch_format="pyarrow", batch_size=None) if t.num_rows]
+    metadata = (pa.concat_tables(metadata).sort_by(FIRST_ROW) if metadata
+                else IMAGE_ROW_SCHEMA.empty_table().append_column(FIRST_ROW, pa.array([], pa.int64())))
+    images = rows.dataset.sort(FIRST_ROW).map_batches(_as_image_input, batch_format="pyarrow", batch_size=None)
+    return InferenceInput(images, _caption_rows(metadata), [], rows.num_images,
+                          has_gt_boxes=bool(metadata.num_rows and pc.sum(pc.is_valid(metadata["gt_boxes"])).as_py()),
+                          source={"captions": source.captions, "images": None, "instances": None,
+                                  "kind": source.kind})
+
+
 def _from_source(uri: str, proposals: Optional[str], batch_size: int) -> InferenceInput:
     source = find_source(uri)
+    if source.kind in (WEBDATASET, SHARDED_MANIFEST):
+        if proposals:
+            raise DatasetError(f"{uri} is a {source.kind.replace('_', ' ')}: --proposals applies to a COCO folder")
+        return _from_shards(source, batch_size)
     rows = read_image_rows(source, proposals)
     images = pa.table({
         "image_id": rows["image_key"], "image_uri": rows["image_uri"],
@@ -121,6 +154,13 @@ def _from_prepared(uri: str) -> InferenceInput:
     return InferenceInput(images, captions.cast(CAPTION_SCHEMA), manifest.get("categories", []), len(seen),
                           has_gt_boxes=manifest.get("source", {}).get("instances") is not None,
                           source={"prepared": uri})
+
+
+def check_inference_input(uri: str) -> None:
+    """Refuse a DATA that is neither a prepared dataset nor raw data find_source recognises, before
+    a job starts Ray: a mistyped path is the user's to fix, and needs no cluster to find."""
+    if not is_prepared(uri):
+        find_source(uri)
 
 
 def read_inference_input(uri: str, proposals: Optional[str] = None, batch_size: int = 64) -> InferenceInput:

@@ -1,8 +1,8 @@
 """The preparation pipeline: image rows -> decode -> regions -> one row per caption -> lexemes -> Parquet.
 
-Determinism: every caption row carries `row`, its position in the source (images in
-`read_image_rows` order, each image's captions in order). The rejects are written sorted by it, and
-this process writes the shards itself, `part-00000-0.parquet`, ... of `rows_per_shard` rows, from
+Determinism: every caption row carries `row`, its position in the source (images in the order
+`pipeline.shards.image_rows` numbers them, a function of the input alone; each image's captions
+in order). The rejects are written sorted by it, and this process writes the shards itself, `part-00000-0.parquet`, ... of `rows_per_shard` rows, from
 the materialized rows put in `row` order (`InOrder`), so the bytes are a function of the input and
 config alone, whatever the number of actors or the load. (Ray Data's Parquet writer is not used:
 it hands each shard to `pyarrow.dataset.write_dataset(use_threads=True)`, which writes a table's
@@ -33,17 +33,18 @@ from harmoclip.config import PrepareConfig
 from harmoclip.model import register_tiny_configs
 from harmoclip.storage import is_remote, join, resolve
 
-from . import dataset_of
 from .images import decode_stage
 from .lexemes import LEXEME_TYPE, LexemeParser
 from .regions import GT_BOX_TYPE, REGION_TYPE, region_stage
-from .sources import Source, SourceError, blank_caption, categories, read_image_rows
+from .shards import image_rows
+from .sources import Source, SourceError, blank_caption, categories
 
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"
 REJECTS_DIR = "rejects"
 IMAGE_LEVEL_REASONS = {"unknown_image_id", "empty_image_path", "missing_image", "unreadable_image",
-                       "empty_image_file", "corrupt_image", "zero_size_image", "too_many_pixels"}
+                       "empty_image_file", "corrupt_image", "zero_size_image", "too_many_pixels",
+                       "fetch_timeout", "fetch_failed", "bad_annotation"}
 
 SCHEMA_V1 = pa.schema([
     ("sample_id", pa.string()), ("image_id", pa.string()), ("image_uri", pa.string()),
@@ -231,18 +232,17 @@ def _write_manifest(out: str, manifest: dict) -> None:
 def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the pipeline on the current Ray cluster; returns the `dataset.json` content."""
     check_destination(out, overwrite)
-    images = read_image_rows(source, config.proposals)
-    captions_per_image = pc.list_value_length(images["captions"]).fill_null(0).to_numpy(zero_copy_only=False)
-    rows_in = int(captions_per_image.sum())
+    images = image_rows(source, config.proposals, config.batch_size)
+    rows_in = images.rows_in
     if rows_in == 0:
         raise SourceError(f"{source.captions}: no captions found")
-    images = images.append_column("first_row", pa.array(np.cumsum(captions_per_image) - captions_per_image, pa.int64()))
 
     dataset = (
-        dataset_of(images, config.batch_size)
+        images.dataset
         .map_batches(decode_stage, batch_format="pyarrow", batch_size=config.batch_size,
                      fn_kwargs={"max_pixels": config.max_pixels, "max_side": config.max_side,
-                                "image_format": config.image_format})
+                                "image_format": config.image_format, "fetch_timeout": config.fetch_timeout,
+                                "fetch_retries": config.fetch_retries})
         .map_batches(region_stage, batch_format="pyarrow", batch_size=config.batch_size,
                      fn_kwargs={"config": config})
         .map_batches(explode_stage, batch_format="pyarrow", batch_size=config.batch_size)
@@ -251,9 +251,9 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
                      fn_constructor_kwargs={"spacy_pipeline": config.spacy_pipeline,
                                             "tokenizer_name": config.tokenizer})
     )
-    # The context from_arrow made for this dataset, which every stage above shares: blocks come
-    # back in source order, so InOrder below has nothing to hold back. The order written does not
-    # rest on it.
+    # The context this dataset was made with, which every stage above shares: blocks come back in
+    # the order they were read (source order for a COCO folder or a manifest), so InOrder below has
+    # little to hold back. The order written does not rest on it.
     dataset.context.execution_options.preserve_order = True
     dataset = dataset.materialize()
     summary = pa.concat_tables(
@@ -268,7 +268,8 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
     _write_rejects(summary, out)
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "source": {"captions": source.captions, "images": source.images, "instances": source.instances},
+        "source": {"captions": source.captions, "images": source.images, "instances": source.instances,
+                   "kind": source.kind, "shards": len(source.shards)},
         "counts": counts,
         "tokenizer": {"model": config.tokenizer, "context_length": _context_length(config.tokenizer)},
         "spacy": {"pipeline": config.spacy_pipeline, "version": spacy.util.get_package_version(config.spacy_pipeline)},

@@ -1,8 +1,10 @@
-"""Reading what users have: a COCO folder, the real COCO layout, or a manifest -> one row per image.
+"""Reading what users have: a COCO folder, the real COCO layout, a manifest, WebDataset shards or
+a sharded manifest -> one row per image.
 
 All structural problems (bad JSON, missing keys, missing columns) are raised here, naming the
 file and the key, before any Ray work starts. Row-level problems (a caption pointing to an
-unknown image) become rejected rows later, so nothing disappears.
+unknown image) become rejected rows later, so nothing disappears. WebDataset shards and sharded
+manifests are only located here (`find_source`); Ray Data tasks read them (`pipeline/shards.py`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,21 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from harmoclip.storage import is_remote, join, resolve
+from harmoclip.storage import S3_SCHEME, is_remote, join, resolve
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SHARDED_MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")  # not .json: folders also hold stats files
+WEBDATASET_SUFFIX = ".tar"
+URL_SCHEMES = ("http://", "https://")
+PREPARED_MARKER = "dataset.json"  # pipeline.prepare.DATASET_FILE: its Parquet is not a manifest
+# Source.kind: where the rows come from. The first two are read by this process (read_image_rows),
+# the last two by Ray Data tasks (pipeline.shards).
+COCO, MANIFEST, WEBDATASET, SHARDED_MANIFEST = "coco", "manifest", "webdataset", "sharded_manifest"
+
+
+def is_url(uri: str) -> bool:
+    """An http(s) URL: fetched with a timeout and retries (pipeline.images.fetch_url)."""
+    return uri.startswith(URL_SCHEMES)
 
 
 class SourceError(ValueError):
@@ -30,13 +44,16 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where the raw data is. `captions` is a COCO captions file or a manifest."""
+    """Where the raw data is. `captions` is a COCO captions file, a manifest, or (WebDataset, sharded
+    manifest) what SRC named, with the shard files it holds in `shards`."""
 
     captions: str
     images: Optional[str] = None  # image folder for COCO; None for a manifest
     instances: Optional[str] = None
     image_column: str = "image"
-    caption_column: str = "caption"
+    caption_column: str = "caption"  # a manifest's column, or the field of a WebDataset sample's .json
+    kind: str = COCO
+    shards: tuple[str, ...] = ()  # WebDataset .tar files or manifest files, sorted by URI
 
     @property
     def is_manifest(self) -> bool:
@@ -55,16 +72,63 @@ def _exists(uri: str) -> bool:
         raise SourceError(f"cannot reach {uri}: {err}") from err
 
 
+def _listed_files(src: str) -> list[str]:
+    """The files of folder SRC, or those whose name starts with SRC's last part (an S3 or path
+    prefix such as `s3://bucket/laion/part-`), as sorted URIs; not recursive; names starting with
+    '.' or '_' (checksums, _SUCCESS) left out. Empty when there is nothing to list."""
+    try:
+        filesystem, path = resolve(src)
+        if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+            folder, prefix = path, ""
+        else:
+            folder, _, prefix = path.rpartition("/")
+            if not folder or not prefix:
+                return []
+        entries = filesystem.get_file_info(pafs.FileSelector(folder, recursive=False, allow_not_found=True))
+    except OSError:
+        return []
+    paths = sorted(e.path for e in entries if e.type == pafs.FileType.File and e.base_name.startswith(prefix)
+                   and not e.base_name.startswith((".", "_")))
+    return [S3_SCHEME + p if is_remote(src) else p for p in paths]
+
+
+def _sharded_source(src: str, image_column: str, caption_column: str) -> Optional[Source]:
+    """SRC as WebDataset shards (any `*.tar` there: img2dataset writes a .parquet and a _stats.json
+    beside each) or as a sharded manifest (`*.jsonl`, `*.csv` or `*.parquet`, one kind), or None."""
+    files = _listed_files(src)
+    if any(f.rsplit("/", 1)[-1] == PREPARED_MARKER for f in files):
+        raise SourceError(f"{src} is a prepared dataset (it holds {PREPARED_MARKER}); --input takes raw data")
+    tars = tuple(f for f in files if f.endswith(WEBDATASET_SUFFIX))
+    if tars:
+        return Source(captions=src, caption_column=caption_column, kind=WEBDATASET, shards=tars)
+    manifests = [f for f in files if f.endswith(SHARDED_MANIFEST_SUFFIXES)]
+    suffixes = sorted({f.rsplit(".", 1)[-1] for f in manifests})
+    if len(suffixes) > 1:
+        raise SourceError(f"{src} holds manifests of {len(suffixes)} kinds ({', '.join(suffixes)}); "
+                          "a sharded manifest is files of one kind")
+    if manifests:
+        return Source(captions=src, image_column=image_column, caption_column=caption_column,
+                      kind=SHARDED_MANIFEST, shards=tuple(manifests))
+    return None
+
+
 def find_source(src: str, images: str | None = None, captions: str | None = None,
                 instances: str | None = None, image_column: str = "image",
                 caption_column: str = "caption") -> Source:
-    """Work out the layout from SRC (a COCO folder or a manifest file) or explicit COCO paths."""
+    """Work out the layout from SRC (a COCO folder, a manifest file, a WebDataset `.tar`, or a
+    folder or prefix of WebDataset shards or manifest files) or explicit COCO paths."""
     if captions:
         if not images:
             raise SourceError("--captions needs --images (the image folder of the real COCO layout)")
         source = Source(captions=captions, images=images, instances=instances)
+    elif src.endswith(WEBDATASET_SUFFIX):
+        if not _exists(src):
+            raise SourceError(f"{src} does not exist (expected a WebDataset .tar shard)")
+        return Source(captions=src, caption_column=caption_column, kind=WEBDATASET, shards=(src,))
     elif src.endswith(MANIFEST_SUFFIXES) and not src.endswith("captions.json"):
-        source = Source(captions=src, image_column=image_column, caption_column=caption_column)
+        source = Source(captions=src, image_column=image_column, caption_column=caption_column, kind=MANIFEST)
+    elif not _exists(join(src, "captions.json")) and (sharded := _sharded_source(src, image_column, caption_column)):
+        return sharded
     else:
         folder_instances = join(src, "instances.json")
         source = Source(captions=join(src, "captions.json"), images=join(src, "images"),
@@ -72,7 +136,8 @@ def find_source(src: str, images: str | None = None, captions: str | None = None
     for uri in (source.captions, source.instances):
         if uri and not _exists(uri):
             raise SourceError(f"{uri} does not exist (expected a COCO folder with images/ and captions.json, "
-                              f"the real COCO layout via --images/--captions, or a {'/'.join(MANIFEST_SUFFIXES)} manifest)")
+                              f"the real COCO layout via --images/--captions, a {'/'.join(MANIFEST_SUFFIXES)} "
+                              "manifest, or WebDataset .tar shards or manifest files in a folder or prefix)")
     return source
 
 
@@ -174,7 +239,7 @@ IMAGE_ROW_SCHEMA = pa.schema([
 ])
 
 
-def _xywh(item: dict, extra: str, default: float | int) -> dict:
+def xywh(item: dict, extra: str, default: float | int) -> dict:
     x, y, w, h = (float(v) for v in item["bbox"])
     return {"x": x, "y": y, "w": w, "h": h, extra: item.get(extra, default)}
 
@@ -192,20 +257,21 @@ def _coco_rows(source: Source, proposals_uri: str | None) -> list[dict]:
 
     rows = []
     for image in sorted(images, key=lambda im: str(im["file_name"])):
-        rows.append(_image_row(source, str(image["file_name"]), join(source.images, str(image["file_name"])),
+        rows.append(image_row(source, str(image["file_name"]), join(source.images, str(image["file_name"])),
                                captions_by_image.get(image["id"], []),
-                               [_xywh(b, "category_id", 0) for b in gt.get(image["id"], []) if not is_crowd(b)]
+                               [xywh(b, "category_id", 0) for b in gt.get(image["id"], []) if not is_crowd(b)]
                                if source.instances else None,
-                               [_xywh(b, "score", 1.0) for b in proposals.get(image["id"], [])] if proposals_uri else None))
+                               [xywh(b, "score", 1.0) for b in proposals.get(image["id"], [])] if proposals_uri else None))
     for image_id in sorted((i for i in captions_by_image if i not in known), key=str):
-        rows.append(_image_row(source, f"unknown-image-id:{image_id}", "", captions_by_image[image_id], None, None,
+        rows.append(image_row(source, f"unknown-image-id:{image_id}", "", captions_by_image[image_id], None, None,
                                reject=("unknown_image_id", f"caption refers to image_id {image_id!r}, which "
                                                            f"is not in {source.captions} 'images'")))
     return rows
 
 
-def _image_row(source: Source, key: str, uri: str, captions: list, gt_boxes, proposals,
-               reject: tuple[str, str] | None = None) -> dict:
+def image_row(source: Source, key: str, uri: str, captions: list, gt_boxes, proposals,
+              reject: tuple[str, str] | None = None) -> dict:
+    """One IMAGE_ROW_SCHEMA row: the image and its captions, each with its stable sample id."""
     return {
         "image_key": key,
         "image_uri": uri,
@@ -229,25 +295,63 @@ def _read_manifest_table(uri: str) -> pa.Table:
         raise SourceError(f"cannot read manifest {uri}: {err}") from err
 
 
-def _manifest_rows(source: Source) -> list[dict]:
-    table = _read_manifest_table(source.captions)
-    for column in (source.image_column, source.caption_column):
+def parse_manifest(data: bytes, uri: str) -> pa.Table:
+    """A manifest file's bytes (read by a Ray Data task) as a table, read as `_read_manifest_table` does."""
+    try:
+        if uri.endswith(".parquet"):
+            return pq.read_table(pa.BufferReader(data))
+        reader = pacsv.read_csv if uri.endswith(".csv") else pajson.read_json
+        return reader(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise SourceError(f"cannot read manifest {uri}: {err}") from err
+
+
+def manifest_pairs(table: pa.Table, uri: str, image_column: str, caption_column: str) -> list[tuple[str, str, Any]]:
+    """(image key, image URI, caption) per manifest row, in file order: the key is the image column
+    as written ("" when empty); the URI resolves a relative path against the manifest's folder."""
+    for column in (image_column, caption_column):
         if column not in table.column_names:
-            raise SourceError(f"{source.captions}: no column '{column}' (columns: {table.column_names}); "
+            raise SourceError(f"{uri}: no column '{column}' (columns: {table.column_names}); "
                               "set --image-column / --caption-column")
-    base = source.captions.rsplit("/", 1)[0]
+    kind = table.schema.field(image_column).type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_nested(kind):
+        raise SourceError(f"{uri}: column '{image_column}' holds {kind}, not image paths or URIs; "
+                          "set --image-column")
+    base = uri.rsplit("/", 1)[0]
+    pairs = []
+    for image, caption in zip(table[image_column].to_pylist(), table[caption_column].to_pylist()):
+        key = "" if image is None else str(image)
+        pairs.append((key, image_uri(base, key), caption))
+    return pairs
+
+
+def image_uri(base: str, image: str) -> str:
+    """Where a manifest's image path points: itself if absolute (/..., s3://, http(s)://), else
+    relative to the manifest's folder `base`."""
+    return image if (is_remote(image) or is_url(image) or image.startswith("/")) else join(base, image)
+
+
+def empty_image_path(key: str) -> Optional[tuple[str, str]]:
+    return None if key else ("empty_image_path", "the manifest row has no image path")
+
+
+def _manifest_rows(source: Source) -> list[dict]:
+    pairs = manifest_pairs(_read_manifest_table(source.captions), source.captions, source.image_column,
+                           source.caption_column)
     captions_by_image: dict[str, list] = defaultdict(list)
-    for image, caption in zip(table[source.image_column].to_pylist(), table[source.caption_column].to_pylist()):
-        captions_by_image["" if image is None else str(image)].append(caption)
-    rows = []
-    for image in sorted(captions_by_image):
-        uri = image if (is_remote(image) or image.startswith("/")) else join(base, image)
-        rows.append(_image_row(source, image, uri, captions_by_image[image], None, None,
-                               reject=None if image else ("empty_image_path", "the manifest row has no image path")))
-    return rows
+    uris = {}
+    for key, uri, caption in pairs:
+        captions_by_image[key].append(caption)
+        uris[key] = uri
+    return [image_row(source, key, uris[key], captions_by_image[key], None, None, reject=empty_image_path(key))
+            for key in sorted(captions_by_image)]
 
 
 def read_image_rows(source: Source, proposals_uri: str | None = None) -> pa.Table:
-    """One row per image with all its captions, in a stable order (sorted by image key)."""
+    """One row per image with all its captions, in a stable order (sorted by image key), for the
+    sources this process reads (a COCO folder, one manifest); pipeline.shards.image_rows reads all."""
+    if source.kind in (WEBDATASET, SHARDED_MANIFEST):
+        raise SourceError(f"{source.captions} is a {source.kind.replace('_', ' ')}: Ray Data reads it "
+                          "(pipeline.shards.image_rows)")
     rows = _manifest_rows(source) if source.is_manifest else _coco_rows(source, proposals_uri)
     return pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)

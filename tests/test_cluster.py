@@ -197,7 +197,7 @@ def _trial_progress(bucket: str, sweep: str) -> tuple[int, list[str]]:
 
 def test_sweep_on_s3_is_stopped_midway_and_resumes_when_submitted_again(client, data, tmp_path):
     bucket = data["bucket"]
-    sweep = f"python -m jobs.tune --data s3://{bucket}/prepared --val s3://{bucket}/raw/val --model harmo-micro " \
+    sweep = f"python -m jobs.tune --data s3://{bucket}/prepared --val-data s3://{bucket}/raw/val --model harmo-micro " \
             f"--grid-lrc 0 1 --grid-gr 0 --scheduler none --steps 60 --batch-size 4 --checkpoint-every 10 " \
             f"--log-every 10 --mlflow-uri sqlite:///{tmp_path}/sweep.db"
 

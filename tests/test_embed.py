@@ -44,7 +44,7 @@ def coco(tmp_path_factory) -> Path:
 def local_run(ray_local, micro_weights, coco, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("embeddings") / "out"
     record = embed_job.main(["--checkpoint", micro_weights, "--model", "harmo-micro", "--data", str(coco),
-                             "--out", str(out), "--batch-size", "2", "--rows-per-shard", "3"])
+                             "--out", str(out), "--rows-per-batch", "2", "--rows-per-shard", "3"])
     return out, record
 
 
@@ -112,7 +112,7 @@ def test_a_rerun_writes_the_same_bytes_and_a_full_out_is_refused(local_run, micr
     assert {path.parent.name for path in shards} == {"images", "captions", "rejects"}
     before = {path: path.read_bytes() for path in shards}
     argv = ["--checkpoint", micro_weights, "--model", "harmo-micro", "--data", str(coco), "--out", str(out),
-            "--batch-size", "2", "--rows-per-shard", "3"]
+            "--rows-per-batch", "2", "--rows-per-shard", "3"]
     with pytest.raises(SystemExit) as refused:
         embed_job.main(argv)
     assert refused.value.code == 2 and "already holds files" in capsys.readouterr().err

@@ -152,13 +152,14 @@ def test_relation_words_follow_box_centres():
 
 
 def test_cli_main_writes_the_folder_and_rejects_bad_arguments(tmp_path: Path, capsys):
-    counts = main(["--out", str(tmp_path / "cli"), "--images", "3", "--seed", "1", "--size", "48",
+    counts = main(["--out", str(tmp_path / "cli"), "--num-images", "3", "--seed", "1", "--size", "48",
                    "--captions-per-image", "2"])
     assert counts["images"] == 3 and counts["captions"] == 6 and counts["categories"] == 48
     captions, instances = _load(tmp_path / "cli")
     assert len(captions["annotations"]) == 6 and len(instances["annotations"]) == counts["objects"]
     assert all(image["width"] == image["height"] == 48 for image in captions["images"])
-    for bad, message in ((["--images", "0"], "images must be >= 1"), (["--images", "2", "--size", "16"], "size must be >= 32")):
+    for bad, message in ((["--num-images", "0"], "images must be >= 1"),
+                         (["--num-images", "2", "--size", "16"], "size must be >= 32")):
         with pytest.raises(SystemExit) as exit_info:
             main(["--out", str(tmp_path / "bad"), *bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

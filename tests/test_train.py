@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from ray.train import TrainingFailedError
 
 import open_clip
 from harmoclip import register_tiny_configs
+from harmoclip.cli import config_from_args, method_from_args, model_from_args
+from harmoclip.config import TrainConfig
+from jobs import train as train_job
 from tests.reference_run import train
 
 
@@ -80,3 +84,34 @@ def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(prepared, tmp_p
     assert (out / "checkpoint_000004" / "open_clip_weights.pt").exists()
     register_tiny_configs()
     open_clip.create_model("harmo-micro", pretrained=str(out / "checkpoint_000004" / "open_clip_weights.pt"))
+
+
+def _recorded(args) -> dict:
+    """The run record a parsed command line would write."""
+    return train_job.run_record(args.data, model_from_args(args), method_from_args(args),
+                                config_from_args(args, TrainConfig))
+
+
+def test_a_rerun_under_other_settings_needs_resume_and_a_record_replays(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--data", prepared, "--out", str(out), "--model", "harmo-micro", "--method", "gc_only", "--steps", "2",
+            "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "1", "--warmup-steps", "0"]
+    assert train_job.main(argv)["step"] == 2
+    record = json.loads((out / "config.json").read_text())
+    assert record == _recorded(train_job.parse_command_line(argv)) and record["data"] == prepared
+
+    with pytest.raises(SystemExit) as refused:  # before Ray is asked for anything
+        train_job.main([*argv, "--lr", "1e-3"])
+    assert refused.value.code == 2
+    assert "train.lr: 0.0005 -> 0.001" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text()) == record  # the run is untouched
+
+    resumed = train_job.main([*argv, "--lr", "1e-3", "--steps", "3", "--resume"])  # continues from step 2
+    assert resumed["step"] == 3
+    record = json.loads((out / "config.json").read_text())
+    assert (record["train"]["lr"], record["train"]["steps"]) == (1e-3, 3)
+
+    replay = train_job.parse_command_line(["--config", str(out / "config.json"), "--out", str(tmp_path / "again")])
+    assert _recorded(replay) == record
+    changed = train_job.parse_command_line(["--config", str(out), "--out", str(tmp_path / "again"), "--seed", "1"])
+    assert train_job.changed_settings(record, _recorded(changed)) == ["train.seed: 0 -> 1"]
