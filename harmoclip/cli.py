@@ -45,6 +45,8 @@ FLAGS: dict[str, str] = {
     "--steps": "Optimizer steps",
     "--seed": "Random seed",
     "--gpu": "Use GPUs",
+    "--actors": "Model actors per stage",  # jobs.evaluate, jobs.embed (InferenceConfig.actors)
+    "--max-concurrent": "Trials run at once",  # jobs.tune
     "--bf16": "bfloat16 autocast",
     "--verbose": "Also print Ray's own INFO logs",
 }
@@ -56,6 +58,7 @@ SYNONYMS: dict[str, str] = {
     "--device": "--gpu", "--cuda": "--gpu",
     "--inference-batch-size": "--rows-per-batch", "--n-images": "--num-images",
     "--output": "--out", "--output-dir": "--out", "--dataset": "--data", "--prepared": "--data",
+    "--num-actors": "--actors", "--max-concurrent-trials": "--max-concurrent",
 }
 
 

@@ -246,8 +246,9 @@ class InferenceConfig:
     batch_size: int = _help("Rows per Ray Data batch: images (or captions) per decode task and per model call.",
                             default=64)
     actors: Optional[int] = _help(
-        "Model actors per stage; each loads the model once (with --gpu, one GPU each). Default: one "
-        "per GPU of the cluster with --gpu, else 1.", default=None)
+        "Model actors per stage; each loads the model once (with --gpu, one GPU each). Default: with --gpu, "
+        "a pool that starts at 1 and grows while work waits and the cluster has a GPU for another, GPU "
+        "nodes the autoscaler adds included; else 1 (it uses every core of its node).", default=None)
     gpu: bool = _help("Use GPUs: one per model actor; decoding stays on CPU tasks.",
                       default=False)
 

@@ -84,6 +84,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def autoscaler_maximum() -> dict[str, float] | None:
+    """The most of each resource this cluster can grow to, as its autoscaler is configured, where
+    Ray reports that (the GCS's cluster config, which Ray Train and Ray Data read for the same
+    question); None where it does not: a local Ray, a fixed cluster, or an autoscaler that does
+    not publish its configuration. Not a public Ray API, hence the guard: any failure reads as
+    "not known". Call after init_ray."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() or None
+    except Exception:  # a missing or changed private API: fall back as if nothing were reported
+        return None
+
+
 def add_shared_fs_argument(parser: argparse.ArgumentParser) -> None:
     add_bool_argument(parser, "--shared-fs",
                       help="--out is on a filesystem every node mounts (NFS, EFS, Lustre): allow a local path "

@@ -31,8 +31,8 @@ from harmoclip.presets import DEFAULT_METHOD, method_preset
 from harmoclip.storage import is_remote, join, write_bytes
 from jobs import evaluate as evaluate_job
 from jobs import train as train_job
-from jobs.common import (add_shared_fs_argument, add_verbose_argument, check_cluster_storage, init_ray,
-                         quiet_libraries, run_storage, set_verbose, user_errors)
+from jobs.common import (add_shared_fs_argument, add_verbose_argument, autoscaler_maximum, check_cluster_storage,
+                         init_ray, quiet_libraries, run_storage, set_verbose, user_errors)
 from jobs.tracking import RunTracker, default_tracking_uri
 from pipeline.dataset import DatasetError, read_dataset_manifest
 from pipeline.inference_data import check_inference_input
@@ -146,12 +146,40 @@ def param_space(args: argparse.Namespace, method: MethodConfig) -> dict[str, Any
     return space
 
 
-def concurrent_trials(workers: int, gpu: bool) -> int:
-    """Trials that fit at once: each needs its training workers plus a CPU for its driver."""
-    resources = ray.cluster_resources()
+def trial_count(space: dict[str, Any], samples: int) -> int:
+    """The trials a sweep runs: every grid point `samples` times (random search: `samples`)."""
+    count = samples
+    for value in space.values():
+        if isinstance(value, dict) and "grid_search" in value:
+            count *= len(value["grid_search"])
+    return count
+
+
+def trial_concurrency(trials: int, workers: int, gpu: bool, max_concurrent: int | None = None,
+                      most: dict[str, float] | None = None, now: dict[str, float] | None = None) -> int:
+    """How many trials run at once. `most`: the resources the cluster can grow to, where Ray reports
+    its autoscaler's configuration (jobs.common.autoscaler_maximum), else None; `now`: what it has
+    at start (ray.cluster_resources()). Pure, so the tests check it without Ray.
+
+    --max-concurrent wins. With --gpu the default is every trial of the sweep (fewer where `most`
+    says how many GPU worker groups the cluster can ever hold), never what `now` holds: a cluster
+    whose GPU workers scale from 0 starts with none. Each running trial's Ray Train workers ask for
+    a GPU each, which is the demand Ray's autoscaler adds GPU nodes for; a trial beyond what the
+    cluster can grow to waits for GPUs to free (Ray Train retries the start of its worker group),
+    and cannot hold up the others, as GPU workers ask for no CPU and trial drivers for no GPU.
+    Without --gpu, trials and their workers compete for the same CPUs: too many at once and the
+    trial drivers hold the CPUs their workers wait for. So the default stays what the CPUs fit,
+    `workers` + 2 each (the workers, the trial's driver and its data tasks), counted on `most`
+    where known, else on `now` (on an autoscaling cluster that does not report its maximum, pass
+    --max-concurrent for a CPU sweep).
+    """
+    if max_concurrent is not None:
+        return max_concurrent
     if gpu:
-        return max(1, int(resources.get("GPU", 0) // workers))
-    return max(1, int(resources.get("CPU", 1) // (workers + 2)))
+        fits = trials if not most else int(most.get("GPU", 0) // workers)
+    else:
+        fits = int((most or now or {}).get("CPU", 1) // (workers + 2))
+    return max(1, min(trials, fits))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
@@ -224,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random search: each swept weight log-uniform from x/this to x*this around the "
                              "method's own weight x (the shipped default where that is 0)")
     add_bool_argument(parser, "--tune-lr", help="also sample the learning rate (log-uniform, x/10..x10)")
+    parser.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                        help="Trials run at once (default: with --gpu, every trial of the sweep, the autoscaler adding "
+                             "GPU nodes up to its maximum and the trials beyond waiting for GPUs; without --gpu, what "
+                             "the cluster's CPUs fit, --workers + 2 each). Never sized from the GPUs present at "
+                             "start; a resumed sweep keeps the value it started with")
     parser.add_argument("--scheduler", choices=["asha", "none"], default="asha")
     parser.add_argument("--objective", choices=sorted(OBJECTIVES), default="harmony")
     add_model_arguments(parser)
@@ -243,6 +276,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         model = model_from_args(args)
         method = method_from_args(args)
         space = param_space(args, method)
+        trials = trial_count(space, args.samples)
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ValueError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
         read_dataset_manifest(args.data)  # missing or malformed inputs are named before Ray starts
         check_inference_input(args.val)
         train = trial_train_config(args)
@@ -272,12 +308,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
                                        storage_filesystem=filesystem)
         else:
+            concurrent = trial_concurrency(trials, train.workers, train.gpu, args.max_concurrent,
+                                           most=autoscaler_maximum(), now=ray.cluster_resources())
+            print(f"{trials} trial(s), up to {concurrent} at once"
+                  + ("" if args.max_concurrent else " (--max-concurrent to change)"), flush=True)
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(metric=metric, mode="max", num_samples=args.samples,
                                             scheduler=make_scheduler(args.scheduler, train.steps),
-                                            max_concurrent_trials=concurrent_trials(train.workers, train.gpu)),
+                                            max_concurrent_trials=concurrent),
                 run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=filesystem,
                                           verbose=1 if args.verbose else 0),
             )

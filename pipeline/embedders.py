@@ -142,22 +142,35 @@ class TextEmbedder(_ModelActor):
         return self.model.encode_text(self.tokenizer(captions).to(self.device))[0]
 
 
-def actor_count(config: InferenceConfig) -> int:
-    """--actors, or one per GPU of the cluster with --gpu, else 1."""
-    if config.actors:
-        return config.actors
-    return max(1, int(ray.cluster_resources().get("GPU", 0))) if config.gpu else 1
+def actor_pool_size(actors: Optional[int], gpu: bool) -> tuple[int, Optional[int]]:
+    """(fewest, most) model actors per stage; most None: no cap of ours.
+
+    `--actors N` is exactly N. With `--gpu` and no `--actors`, Ray Data's own autoscaling pool: one
+    actor to start, more while batches wait for one and the cluster has a GPU free for another. We
+    set no cap: the cluster bounds it, nodes its autoscaler adds included, so on a cluster whose
+    GPU workers scale from 0 the pool grows as they join instead of staying at the GPUs present
+    when the job started (none there). Without `--gpu`, one actor: its torch already uses every
+    core of its node (_threads), and more CPU actors would split those cores, not add any. Pure, so
+    the tests check it without Ray.
+    """
+    if actors is not None:
+        if actors < 1:
+            raise ValueError(f"--actors must be >= 1, got {actors}")
+        return actors, actors
+    return (1, None) if gpu else (1, 1)
 
 
 def _actor_pool(config: InferenceConfig) -> dict:
-    return {"compute": ActorPoolStrategy(size=actor_count(config)), "num_gpus": 1 if config.gpu else 0}
+    fewest, most = actor_pool_size(config.actors, config.gpu)
+    pool = ActorPoolStrategy(size=fewest) if most == fewest else ActorPoolStrategy(min_size=fewest, max_size=most)
+    return {"compute": pool, "num_gpus": 1 if config.gpu else 0}
 
 
 def _threads(config: InferenceConfig) -> int:
     """On CPU an actor's torch gets this node's cores shared among the actors: Ray would hold it to
     one thread per logical CPU it reserves, and reserving them all would leave none for the decode
     tasks that feed it."""
-    return max(1, len(os.sched_getaffinity(0)) // actor_count(config))
+    return max(1, len(os.sched_getaffinity(0)) // actor_pool_size(config.actors, config.gpu)[0])
 
 
 def image_embeddings(data: InferenceInput, model: ModelConfig, config: InferenceConfig,

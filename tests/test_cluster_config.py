@@ -39,6 +39,19 @@ def test_cluster_yaml_has_gpu_workers_spot_and_no_open_ports():
     assert all("IamInstanceProfile" in n["node_config"] for n in nodes.values())
 
 
+def test_cluster_yaml_has_a_cpu_worker_type_for_preparation():
+    """A worker type with CPUs and no GPU, scaling from 0, for jobs.prepare's CPU stages; room for
+    it beside every GPU worker under the cluster-wide max_workers."""
+    config = load()
+    nodes = config["available_node_types"]
+    workers = {name: n for name, n in nodes.items() if name != config["head_node_type"]}
+    cpu = [n for n in workers.values() if not n["resources"].get("GPU")]
+    assert cpu and all(n["resources"].get("CPU", 0) >= 1 and n["min_workers"] == 0 and n["max_workers"] >= 1
+                       for n in cpu)
+    assert not [n for n in cpu if n["node_config"]["InstanceType"].startswith(("g", "p"))]  # AWS GPU families
+    assert config["max_workers"] >= sum(n["max_workers"] for n in workers.values())
+
+
 def test_cluster_yaml_holds_no_credentials_and_uses_token_auth():
     text = (ROOT / "cluster.yaml").read_text()
     assert "aws_access_key_id" not in text.lower() and "AKIA" not in text and "aws_secret" not in text.lower()

@@ -111,6 +111,7 @@ def test_a_rerun_writes_the_same_bytes_and_a_full_out_is_refused(local_run, micr
     shards = sorted(out.glob("*/*.parquet"))  # images, captions and rejects
     assert {path.parent.name for path in shards} == {"images", "captions", "rejects"}
     before = {path: path.read_bytes() for path in shards}
+    summary = json.loads((out / "embeddings.json").read_text())
     argv = ["--checkpoint", micro_weights, "--model", "harmo-micro", "--data", str(coco), "--out", str(out),
             "--rows-per-batch", "2", "--rows-per-shard", "3"]
     with pytest.raises(SystemExit) as refused:
@@ -120,6 +121,10 @@ def test_a_rerun_writes_the_same_bytes_and_a_full_out_is_refused(local_run, micr
         embed_job.main([*argv, "--overwrite"])
     assert sorted(out.glob("*/*.parquet")) == shards
     assert all(path.read_bytes() == data for path, data in before.items())
+    again = json.loads((out / "embeddings.json").read_text())
+    when = ("seconds", "created_at")  # the only keys a rerun may change
+    assert {k: v for k, v in again.items() if k not in when} == {k: v for k, v in summary.items() if k not in when}
+    assert set(summary) > set(when)
 
 
 def test_s3_in_and_out_with_float16(local_run, micro_weights, coco, s3_server, bucket):

@@ -116,15 +116,19 @@ def test_predictor_reproduces_the_evaluated_box_accuracy(demo):
     out, results = demo
     predictor = Predictor.from_checkpoint(results["harmoclip"]["checkpoint"])
     labels = [c["name"] for c in json.loads((out / "data" / "val" / "instances.json").read_text())["categories"]]
-    ranks = []
+    ranks, by_class = [], {}
     for path, _, boxes, truths in _val_boxes(out / "data" / "val"):
         for box, truth in zip(predictor.classify(Image.open(path), boxes, labels, top_k=5), truths):
             top = [t.label for t in box.top]
             ranks.append(top.index(truth) if truth in top else len(top))
+            by_class.setdefault(truth, []).append(ranks[-1] == 0)
     box = results["harmoclip"]["box"]
     assert len(ranks) == box["num_boxes"]
     assert sum(r < 1 for r in ranks) == round(box["top1"] * len(ranks))  # what jobs.evaluate measured
     assert sum(r < 5 for r in ranks) == round(box["top5"] * len(ranks))
+    # class by class, not only in total: the same boxes are right, not just as many
+    assert {name: (len(hits), sum(hits)) for name, hits in by_class.items()} == \
+        {name: (c["boxes"], round(c["top1"] * c["boxes"])) for name, c in box["per_class"].items() if c["boxes"]}
 
 
 def test_predict_labels_the_box_the_model_knows_and_maps_a_phrase(demo, tmp_path, capsys):

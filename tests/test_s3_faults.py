@@ -123,7 +123,9 @@ def test_checkpoint_uploads_retry_then_fail_the_worker_and_the_run_restores(prep
     # The run ends with the weights of the uninterrupted local one: the restore was exact.
     weights = fetch_to_local(result["checkpoint"], tmp_path / "cache")
     reference = torch.load(clean_run["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
-    for name, tensor in torch.load(weights, map_location="cpu", weights_only=True)["state_dict"].items():
+    restored = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
+    assert restored.keys() == reference.keys()
+    for name, tensor in restored.items():
         assert torch.allclose(tensor, reference[name], rtol=1e-5, atol=1e-6), name
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
         Bucket=bucket, Prefix="runs/flaky/")["Contents"]]
