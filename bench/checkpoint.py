@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import tempfile
 import time
 
@@ -25,6 +24,7 @@ import ray
 
 from harmoclip import MethodConfig, ModelConfig
 from harmoclip.config import PrepareConfig, TrainConfig
+from jobs.common import free_port
 from jobs import train as train_job
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
@@ -35,9 +35,7 @@ def start_s3() -> object:
     """A moto S3 server on a free port, with the environment pointing every client at it."""
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",

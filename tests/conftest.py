@@ -4,7 +4,6 @@ Ray, a tiny prepared dataset, and a CPU burner for runs that must not depend on 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -19,6 +18,7 @@ from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.batch import synthetic_batch
 from harmoclip.checkpoint import save_open_clip_weights
 from harmoclip.config import PrepareConfig
+from jobs.common import free_port
 from pipeline.prepare import prepare
 from pipeline.sources import find_source
 from pipeline.synthetic import write_shapes_dataset
@@ -47,12 +47,6 @@ def batch(model: HarmoCLIP) -> dict[str, torch.Tensor]:
     return synthetic_batch(TEST_MODEL, model.image_size, batch_size=6, max_regions=5, max_lexemes=4, seed=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret",
@@ -69,7 +63,7 @@ def s3_server():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -11,7 +11,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from jobs.common import free_port
 from pipeline.synthetic import write_shapes_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _kill_cluster(temp_dir: str) -> None:
@@ -66,17 +60,17 @@ def cluster(s3_server):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     common = ["--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     try:
         # Each node's job agent gets its own free port: the default (52365) may be held by another
         # Ray on this machine, and then the head accepts no jobs ("No available agent").
         subprocess.run([RAY, "start", "--head", "--port", str(port), "--dashboard-port", str(dashboard),
                         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir,
-                        "--dashboard-agent-listen-port", str(_free_port()), *common],
+                        "--dashboard-agent-listen-port", str(free_port()), *common],
                        env=env, check=True, capture_output=True, timeout=120)
         subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", "--dashboard-agent-listen-port",
-                        str(_free_port()), *common], env=env, check=True, capture_output=True, timeout=120)
+                        str(free_port()), *common], env=env, check=True, capture_output=True, timeout=120)
         yield {"address": f"http://127.0.0.1:{dashboard}", "token": token, "secret": os.environ["AWS_SECRET_ACCESS_KEY"]}
     finally:
         _kill_cluster(temp_dir)
