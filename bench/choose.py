@@ -44,6 +44,11 @@ class Paired:
         return self.seeds >= 3 and self.r1[0] >= ELIGIBLE_R1_CHANGE
 
 
+def eligible_everywhere(per_set: dict[str, Paired | None]) -> bool:
+    """Rule steps 3 and 6: measured with 3 seeds and eligible on every set."""
+    return all(p is not None and p.eligible for p in per_set.values())
+
+
 def is_teacher(method: dict[str, Any]) -> bool:
     """A frozen model the loss compares with in every step: GR's anchor mode with a weight."""
     return method.get("gr_mode") == "anchor" and method.get("lambda_gr", 0) > 0
@@ -71,7 +76,7 @@ def choose(sets: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, dict[
     """(the chosen config or None, every candidate's paired changes per set, why) by the rule."""
     changes = {name: {label: paired_changes(study, name) for label, study in sets.items()}
                for name in CANDIDATES + REFERENCE}
-    eligible = [name for name in CANDIDATES if all(p is not None and p.eligible for p in changes[name].values())]
+    eligible = [name for name in CANDIDATES if eligible_everywhere(changes[name])]
     if not eligible:
         return None, changes, "no candidate is eligible on every set: the shipped default stays"
     gain = {name: sum(p.macc1[0] for p in changes[name].values()) / len(sets) for name in eligible}
@@ -99,7 +104,7 @@ def rule_table(changes: dict[str, dict[str, Paired | None]], chosen: str | None,
         for p in per_set.values():
             cells += ["not run"] * 3 if p is None else [f"{v:+.1f} ± {h:.1f}" for v, h in (p.r1, p.macc1, p.top1)]
         eligible = "reference" if name in REFERENCE else \
-            ("yes" if all(p is not None and p.eligible for p in per_set.values()) else "no")
+            ("yes" if eligible_everywhere(per_set) else "no")
         mark = " (chosen)" if name == chosen else ""
         lines.append(f"| {name}{mark} | {'no' if name in with_teacher else 'yes'} | "
                      + " | ".join(cells) + f" | {eligible} |")
