@@ -1,19 +1,28 @@
-"""The rule that picks the shipped default, applied as `bench/RESULTS.md` wrote it before the runs,
+r"""The rule that picks the shipped default, applied as `bench/RESULTS.md` wrote it before the runs,
 to two harmony studies (`bench.harmony` on the synthetic set, `bench.harmony --real` on photos),
 and the headline picture: every config as a point, paired change in mean R@1 against paired change
 in mean per-class box top-1, 95% interval bars, one panel per set, the chosen default marked.
 
-Kept apart from the study so the choice is a function of the two harmony.json files alone: anyone
-can re-apply it to the checkpoints' recorded results, or to their own pair of studies.
+Kept apart from the study so the choice is a function of the two studies' paired changes alone:
+anyone can re-apply it to the checkpoints' recorded results, or to their own pair of studies.
 
     .venv/bin/python -m bench.choose --synthetic outputs/harmony/harmony.json \
         --real outputs/real/harmony.json --figure docs/harmony.png
+
+--synthetic and --real each take a harmony.json, or a summary of what the rule reads (format
+harmoclip.paired/1, written by --write-summary FILE): per set label ("synthetic val", "real eval")
+and config the seeds, the paired changes r1 / macc1 / top1 as [mean, 95% half-width] in points
+(null for a half-width of fewer than 2 seeds) and whether the config has a teacher. From a summary
+the option takes the set with its own label, so one file written from both studies serves both
+options, and a file for the other set is refused. A summary keeps a study's numbers when its
+harmony.json is gone (bench/results/real-2026-12-02.paired.json, transcribed from RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +38,8 @@ CANDIDATES = ("harmoclip", "paper", "lrc_only", "l2sp", "consistency", "gc_ancho
 REFERENCE = ("region_only",)  # measured as the trade-off, never chosen
 ELIGIBLE_R1_CHANGE = -1.0  # step 3, points
 TEACHER_TIE = 1.0  # step 5, points
+SUMMARY_FORMAT = "harmoclip.paired/1"
+SETS = {"synthetic": "synthetic val", "real": "real eval"}  # option -> the set label it reads
 
 
 @dataclass(frozen=True)
@@ -66,15 +77,29 @@ def paired_changes(study: dict[str, Any], name: str, split: str = "val") -> Pair
                   change(lambda r: r["box"]["top1"]))
 
 
-def teachers(sets: dict[str, dict[str, Any]]) -> set[str]:
-    """The configs whose recorded method has a teacher in any of the studies."""
-    return {name for study in sets.values() for name, config in study["configs"].items()
-            if is_teacher(config.get("method", {}))}
+@dataclass(frozen=True)
+class Measured:
+    """One set as the rule reads it, whether from a harmony.json or a summary: the rule needs no more."""
+    changes: dict[str, Paired]  # config -> paired changes vs gc_only; configs not measured are absent
+    teachers: frozenset[str]  # the measured configs whose method has a teacher
+    source: str  # where the numbers come from, carried into a summary written from them
 
 
-def choose(sets: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, dict[str, Paired | None]], str]:
+def from_study(study: dict[str, Any], source: str) -> Measured:
+    """The rule's configs that a harmony.json measured, with their paired changes on its val split."""
+    changes = {name: p for name in CANDIDATES + REFERENCE if (p := paired_changes(study, name)) is not None}
+    return Measured(changes, frozenset(name for name in changes
+                                       if is_teacher(study["configs"][name].get("method", {}))), source)
+
+
+def teachers(sets: dict[str, Measured]) -> set[str]:
+    """The configs with a teacher in any of the sets."""
+    return set().union(*(measured.teachers for measured in sets.values()))
+
+
+def choose(sets: dict[str, Measured]) -> tuple[str | None, dict[str, dict[str, Paired | None]], str]:
     """(the chosen config or None, every candidate's paired changes per set, why) by the rule."""
-    changes = {name: {label: paired_changes(study, name) for label, study in sets.items()}
+    changes = {name: {label: measured.changes.get(name) for label, measured in sets.items()}
                for name in CANDIDATES + REFERENCE}
     eligible = [name for name in CANDIDATES if eligible_everywhere(changes[name])]
     if not eligible:
@@ -92,6 +117,60 @@ def choose(sets: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, dict[
                    f"has none and is within {TEACHER_TIE:g} point of it on every set")
             best = winner
     return best, changes, why
+
+
+def summary(sets: dict[str, Measured]) -> str:
+    """The summary file's text (format SUMMARY_FORMAT): what the rule reads of each set."""
+    def entry(measured: Measured, name: str) -> dict[str, Any]:
+        p = measured.changes[name]
+        return {"seeds": p.seeds, **{key: [None if math.isnan(v) else float(v) for v in point] for key, point in
+                                     (("r1", p.r1), ("macc1", p.macc1), ("top1", p.top1))},
+                "teacher": name in measured.teachers}
+    return json.dumps({"format": SUMMARY_FORMAT, "sets": {
+        label: {"source": measured.source, "configs": {name: entry(measured, name) for name in measured.changes}}
+        for label, measured in sets.items()}}, indent=2, allow_nan=False) + "\n"
+
+
+def number(value: Any) -> float:
+    """A summary's number; null stands for NaN (a half-width of fewer than 2 seeds)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
+
+
+def from_summary(data: dict[str, Any], label: str) -> Measured:
+    """The set `label` of a summary; KeyError, TypeError or ValueError if it is not as `summary` writes it."""
+    sets = data["sets"]
+    if label not in sets:
+        raise ValueError(f"no set {label!r} in this summary; it holds {', '.join(map(repr, sets)) or 'none'}")
+    changes, with_teacher = {}, set()
+    for name, entry in sets[label]["configs"].items():
+        points = [entry[key] for key in ("r1", "macc1", "top1")]
+        if type(entry["seeds"]) is not int or type(entry["teacher"]) is not bool or \
+                any(not isinstance(point, list) or len(point) != 2 for point in points):
+            raise ValueError(f"{name}: needs seeds (int), r1, macc1, top1 ([mean, half_width]) and teacher (bool)")
+        changes[name] = Paired(entry["seeds"], *(tuple(map(number, point)) for point in points))
+        if entry["teacher"]:
+            with_teacher.add(name)
+    return Measured(changes, frozenset(with_teacher), str(sets[label]["source"]))
+
+
+def read_set(path: str, label: str) -> Measured:
+    """The set `label` from a harmony.json (all of it) or from a summary (its set of that label)."""
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+        if isinstance(data, dict) and "format" in data:
+            if data["format"] != SUMMARY_FORMAT:
+                raise ValueError(f"format {data['format']!r}, not {SUMMARY_FORMAT!r}")
+            return from_summary(data, label)
+        return from_study(data, path)
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        reason = f"no key {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+        raise SystemExit(f"error: {path}: cannot read the set {label!r} from it as a harmony.json or a "
+                         f"{SUMMARY_FORMAT} summary: {reason}") from None
 
 
 def rule_table(changes: dict[str, dict[str, Paired | None]], chosen: str | None, with_teacher: set[str]) -> str:
@@ -142,15 +221,20 @@ def draw(changes: dict[str, dict[str, Paired | None]], chosen: str | None, path:
 def main(argv: list[str] | None = None) -> str | None:
     parser = argparse.ArgumentParser(prog="python -m bench.choose", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--synthetic", required=True, help="harmony.json of `bench.harmony` (synthetic val)")
-    parser.add_argument("--real", required=True, help="harmony.json of `bench.harmony --real` (photos' eval/)")
+    parser.add_argument("--synthetic", required=True,
+                        help="harmony.json of `bench.harmony`, or a summary holding the set 'synthetic val'")
+    parser.add_argument("--real", required=True,
+                        help="harmony.json of `bench.harmony --real` (photos' eval/), or a summary holding the "
+                             "set 'real eval'")
     parser.add_argument("--figure", default=None, help="write the headline picture here (PNG)")
+    parser.add_argument("--write-summary", default=None, metavar="FILE",
+                        help=f"write what the rule reads of both sets here ({SUMMARY_FORMAT} JSON)")
     add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    sets = {}
-    for label, path in (("synthetic val", args.synthetic), ("real eval", args.real)):
-        with open(path) as handle:
-            sets[label] = json.load(handle)
+    sets = {label: read_set(getattr(args, option), label) for option, label in SETS.items()}
+    if args.write_summary:
+        with open(args.write_summary, "w") as handle:
+            handle.write(summary(sets))
     chosen, changes, why = choose(sets)
     print(rule_table(changes, chosen, teachers(sets)) + "\n")
     print(f"chosen: {chosen or 'none (the shipped default stays)'}: {why}")
