@@ -165,6 +165,21 @@ def add_regions_argument(container: Any, default: str | None, use: str,
     return container.add_argument("--regions", default=default, choices=list(choices), help=f"{REGIONS_HELP}. {use}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every job's --help: the description as written, and each flag's default after its help
+    (unless the help already says it, or there is none to show), so no default is hidden."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default in (None, argparse.SUPPRESS, "", []) or "default" in text.lower() or not action.option_strings
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default).lower() \
+            if isinstance(default, bool) else default
+        return f"{text} (default: {shown})".replace("%", "%%").lstrip()
+
+
 def config_from_args(args: argparse.Namespace, config_type: type[T], prefix: str = "") -> T:
     return config_type(**{f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(config_type)})
 
@@ -178,6 +193,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                          "field flag below overrides that field. docs/method.md lists every preset's fields.")
     group.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHOD_PRESETS),
                        help="named MethodConfig preset the field flags start from")
+    shipped = METHOD_PRESETS[DEFAULT_METHOD]
+    for action in group._group_actions:  # the field flags' defaults are the preset's: show the shipped one's
+        if action.help and action.help is not argparse.SUPPRESS and hasattr(shipped, action.dest):
+            action.help += f" ({DEFAULT_METHOD}: {str(getattr(shipped, action.dest)).lower()})"
 
 
 def method_from_args(args: argparse.Namespace) -> MethodConfig:

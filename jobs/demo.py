@@ -5,7 +5,7 @@ evaluate all on val -> side-by-side table, plot and DIR/results.json. A few minu
 Data, the base model and finished arms are cached in DIR: an interrupted demo continues there.
 
 Either checkpoint can be re-evaluated on other data:
-    python -m jobs.evaluate --checkpoint DIR/runs/harmoclip --data OTHER_COCO_FOLDER
+    python -m jobs.evaluate --checkpoint DIR/runs/harmoclip/seed0 --data OTHER_COCO_FOLDER
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from harmoclip import MethodConfig
-from harmoclip.cli import add_bool_argument, add_method_arguments, config_from_args, method_from_args
+from harmoclip.cli import HelpFormatter, add_bool_argument, add_method_arguments, config_from_args, method_from_args
 from harmoclip.config import TrainConfig
 from harmoclip.predict import Predictor
 from jobs import evaluate as evaluate_job
@@ -126,7 +126,7 @@ def _history(tracking_uri: str, run_dir: str) -> dict[str, list]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", default="outputs/demo",
                         help="Where to write: the folder for data, base, runs, results.json and the plot")
     add_regime_arguments(parser)

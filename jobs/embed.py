@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from harmoclip.cli import (INFERENCE_FLAGS, add_bool_argument, add_config_arguments, add_deprecated_alias,
+from harmoclip.cli import (HelpFormatter, INFERENCE_FLAGS, add_bool_argument, add_config_arguments, add_deprecated_alias,
                           add_inference_model_arguments, config_from_args, inference_model_from_args)
 from harmoclip.config import EmbedConfig, InferenceConfig
 from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
@@ -29,7 +29,7 @@ from pipeline.sources import SourceError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.embed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_inference_model_arguments(parser)
     parser.add_argument("--data", required=True,
                         help="Dataset to read: a COCO-format folder, manifest or prepared dataset (local or s3://)")

@@ -27,7 +27,7 @@ import torch
 from harmoclip import HarmoCLIP, ModelConfig, create_clip
 from harmoclip.checkpoint import model_to_use
 from harmoclip.model import INFERENCE_METHOD
-from harmoclip.cli import INFERENCE_FLAGS, add_config_arguments, add_deprecated_alias, \
+from harmoclip.cli import HelpFormatter, INFERENCE_FLAGS, add_config_arguments, add_deprecated_alias, \
     add_inference_model_arguments, config_from_args, inference_model_from_args
 from harmoclip.config import InferenceConfig
 from harmoclip.metrics import (DEFAULT_TEMPLATES, box_classification, class_text_embeddings, harmony, retrieval_recall,
@@ -143,7 +143,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_inference_model_arguments(parser)
     parser.add_argument("--data", required=True,
                         help="Dataset to read: a COCO-format folder or a prepared dataset (local or s3://)")

@@ -18,6 +18,7 @@ import os
 import torch
 
 from harmoclip import ModelConfig, create_clip
+from harmoclip.cli import HelpFormatter
 from harmoclip.checkpoint import (CONFIG_FILENAME, WEIGHTS_FILENAME, interpolate_weights, model_to_use,
                                   read_checkpoint_config, save_open_clip_weights)
 from jobs.common import add_verbose_argument, set_verbose, user_errors
@@ -62,7 +63,7 @@ def write_blends(run: str, folders: dict[float, str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.interpolate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True,
                         help="A trained model: a jobs.train run folder (local; it names its start)")
     parser.add_argument("--alpha", type=float, nargs="+", default=[0.5],

@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from harmoclip.cli import add_deprecated_alias
+from harmoclip.cli import HelpFormatter, add_deprecated_alias
 from jobs.common import add_verbose_argument, set_verbose, user_errors
 from pipeline.synthetic import write_shapes_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.make_synthetic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="Where to write: DIR, a folder (local path or s3:// URI); existing files of the same "
                              "name are replaced")

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from harmoclip.cli import (add_bool_argument, add_deprecated_alias, add_inference_model_arguments,
+from harmoclip.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, add_inference_model_arguments,
                           add_regions_argument, device_is_gpu, inference_model_from_args)
 from harmoclip.config import PrepareConfig
 from harmoclip.metrics import DEFAULT_TEMPLATES, check_class_names
@@ -195,7 +195,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_inference_model_arguments(parser)
     parser.add_argument("--image", required=True, help="One image: a local path or s3:// URI")
     where = parser.add_mutually_exclusive_group()

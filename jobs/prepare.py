@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harmoclip.cli import (PREPARE_FLAGS, add_bool_argument, add_config_arguments, add_deprecated_alias,
+from harmoclip.cli import (HelpFormatter, PREPARE_FLAGS, add_bool_argument, add_config_arguments, add_deprecated_alias,
                           config_from_args)
 from harmoclip.config import PrepareConfig
 from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
@@ -25,7 +25,7 @@ from pipeline.sources import SourceError, find_source
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--input", help="Raw data to prepare: SRC, a COCO folder, a manifest file, a WebDataset .tar, "
                                          "or a folder or prefix of .tar shards or manifest files (local path or "
                                          "s3:// URI)")

@@ -14,14 +14,14 @@ import torch
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, create_clip
 from harmoclip.batch import synthetic_batch
-from harmoclip.cli import (add_bool_argument, add_deprecated_alias, add_method_arguments, add_model_arguments,
+from harmoclip.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, add_method_arguments, add_model_arguments,
                           device_is_gpu, method_from_args, model_from_args)
 from jobs.common import add_verbose_argument, set_verbose, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.smoke", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="Optimizer steps on the batch")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="Training samples per worker per step (one process here: the synthetic batch)")

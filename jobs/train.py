@@ -36,7 +36,7 @@ from ray.train.torch import TorchTrainer
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
 from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, load_checkpoint, write_checkpoint
-from harmoclip.cli import (add_bool_argument, add_config_arguments, add_method_arguments, add_model_arguments,
+from harmoclip.cli import (HelpFormatter, add_bool_argument, add_config_arguments, add_method_arguments, add_model_arguments,
                           config_from_args, method_from_args, model_from_args)
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.model_card import write_model_card, write_safetensors
@@ -230,7 +230,7 @@ def _copy_final(checkpoint_path: str, filesystem, out: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data", help="Dataset to read: a prepared dataset (jobs.prepare output), local or s3:// "
                                        "(required unless --config gives it)")
     parser.add_argument("--out", required=True, help="Where to write: the run folder for checkpoints and results, "

@@ -24,7 +24,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from harmoclip.cli import (add_bool_argument, add_config_arguments, add_deprecated_alias, add_method_arguments,
+from harmoclip.cli import (HelpFormatter, add_bool_argument, add_config_arguments, add_deprecated_alias, add_method_arguments,
                           add_model_arguments, config_from_args, method_from_args, model_from_args)
 from harmoclip.config import MethodConfig, TrainConfig, as_flat_dict
 from harmoclip.presets import DEFAULT_METHOD, method_preset
@@ -230,7 +230,7 @@ def write_summary(rows: list[dict[str, Any]], folder: str) -> tuple[str, str, st
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data", required=True, help="Dataset to read: the prepared training dataset (local or s3://)")
     validation = parser.add_mutually_exclusive_group(required=True)  # required, and given by the old --val too
     validation.add_argument("--val-data", dest="val", metavar="VAL",

@@ -16,6 +16,7 @@ import pytest
 
 from harmoclip.cli import FLAGS, SYNONYMS, DeprecatedAlias, parse_bool
 from harmoclip.config import REGION_SOURCES
+from harmoclip.presets import DEFAULT_METHOD
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py") if "def main(" in p.read_text())
@@ -129,6 +130,18 @@ def test_help_hides_test_only_flags_and_deprecated_aliases(job):
         if isinstance(action, DeprecatedAlias):
             assert action.new in visible_flags(parser), (job, action.option_strings, action.new)
     assert "--inject-" not in text
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_help_shows_every_default(job):
+    """Each visible flag with a default shows it (a method field: the shipped preset's value)."""
+    parser = parser_of(job)
+    formatter = parser._get_formatter()
+    for flag, action in visible_flags(parser).items():
+        if action.default in (None, "", []) or isinstance(action, argparse._VersionAction):
+            continue
+        shown = formatter._get_help_string(action) % {"default": action.default, "prog": parser.prog}
+        assert "default" in shown.lower() or f"({DEFAULT_METHOD}: " in shown, f"jobs.{job} {flag}: {shown!r}"
 
 
 def test_test_only_flags_still_parse():
