@@ -16,7 +16,12 @@ def _first_bad(bad: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in bad.nonzero()[0])
 
 
-def check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> None:
+def _sample(index: int, names: Sequence[str] | None) -> str:
+    """'sample 2', or 'sample 2 (image 000123.jpg)' when the caller knows the batch's image ids."""
+    return f"sample {index}" + (f" (image {names[index]})" if names is not None else "")
+
+
+def check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor, sample_names: Sequence[str] | None = None) -> None:
     """Valid boxes are finite, normalised xyxy within [0, 1], with x1 > x0 and y1 > y0."""
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or box_mask.shape != boxes.shape[:2]:
         raise ValueError(f"boxes must be (B, K, 4) with a (B, K) box_mask, got {tuple(boxes.shape)} "
@@ -25,7 +30,7 @@ def check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor) -> None:
         bad = bad & box_mask
         if bad.any():
             sample, slot = _first_bad(bad)
-            raise ValueError(f"box {slot} of sample {sample} {reason}: {boxes[sample, slot].tolist()} {BOX_FORMAT}")
+            raise ValueError(f"box {slot} of {_sample(sample, sample_names)} {reason}: {boxes[sample, slot].tolist()} {BOX_FORMAT}")
 
 
 def image_boxes(boxes: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -56,7 +61,8 @@ def _box_problems(boxes: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def check_lexeme_spans(spans: torch.Tensor, span_mask: torch.Tensor, tokens: torch.Tensor) -> None:
+def check_lexeme_spans(spans: torch.Tensor, span_mask: torch.Tensor, tokens: torch.Tensor,
+                       sample_names: Sequence[str] | None = None) -> None:
     """A valid span `[start, end)` is non-empty and lies between the start and end-of-text tokens."""
     if spans.ndim != 3 or spans.shape[-1] != 2 or span_mask.shape != spans.shape[:2]:
         raise ValueError(f"lexeme_spans must be (B, L, 2) with a (B, L) lexeme_mask, got "
@@ -71,4 +77,4 @@ def check_lexeme_spans(spans: torch.Tensor, span_mask: torch.Tensor, tokens: tor
         bad = bad & span_mask
         if bad.any():
             sample, slot = _first_bad(bad)
-            raise ValueError(f"lexeme {slot} of sample {sample} {reason}: span {spans[sample, slot].tolist()}")
+            raise ValueError(f"lexeme {slot} of {_sample(sample, sample_names)} {reason}: span {spans[sample, slot].tolist()}")

@@ -29,6 +29,7 @@ import ray.data
 import spacy
 from ray.data import ActorPoolStrategy
 
+from harmoclip.batch import stable_key
 from harmoclip.config import PrepareConfig
 from harmoclip.model import register_tiny_configs
 from harmoclip.storage import is_remote, join, resolve
@@ -172,19 +173,39 @@ def check_destination(out: str, overwrite: bool) -> None:
         raise DestinationError(f"cannot use {out}: {err}") from err
 
 
+def summary_stage(block: pa.Table) -> pa.Table:
+    """Caption rows -> what the counts and the rejects table need of them, and no more: the driver
+    gathers this for every row, so a written row costs it a few numbers (no image, tokens, lexemes
+    or regions) and only a rejected row keeps its texts."""
+    rejected = pc.is_valid(block["reject_reason"])
+    def if_rejected(name: str) -> pa.ChunkedArray:
+        return pc.if_else(rejected, block[name], pa.scalar(None, block.schema.field(name).type))
+    return pa.table({
+        ROW: block[ROW],
+        "image_key": pa.array([stable_key(i or "") for i in block["image_id"].to_pylist()], pa.int64()),
+        "lexeme_count": pc.list_value_length(block["lexemes"]).fill_null(0),
+        "region_count": pc.list_value_length(block["regions"]).fill_null(0),
+        **{name: block[name] for name in COUNTER_COLUMNS},
+        "reject_reason": block["reject_reason"],
+        **{name: if_rejected(name) for name in ("sample_id", "image_id", "image_uri", "caption_index", "caption",
+                                                "reject_detail")},
+    })
+
+
 def _counts(table: pa.Table, rows_in: int) -> dict[str, Any]:
+    """`table`: the summary (`summary_stage`'s rows, every caption row)."""
     reasons = Counter(r for r in table["reject_reason"].to_pylist() if r)
     accepted = table.filter(pc.is_null(table["reject_reason"]))
-    lexeme_counts = pc.list_value_length(accepted["lexemes"]).to_pylist()
+    lexeme_counts = accepted["lexeme_count"].to_numpy()
     counts = {
         "rows_in": rows_in,
         "rows_written": accepted.num_rows,
         "rows_rejected": sum(reasons.values()),
         "rejected_by_reason": dict(sorted(reasons.items())),
-        "images_written": len(set(accepted["image_id"].to_pylist())),
-        "lexemes": sum(lexeme_counts),
-        "captions_without_lexemes": sum(1 for n in lexeme_counts if n == 0),
-        "regions": sum(pc.list_value_length(accepted["regions"]).fill_null(0).to_pylist()),
+        "images_written": len(np.unique(accepted["image_key"].to_numpy())),
+        "lexemes": int(lexeme_counts.sum()),
+        "captions_without_lexemes": int((lexeme_counts == 0).sum()),
+        "regions": int(pc.sum(accepted["region_count"]).as_py() or 0),
     }
     counts.update({name: int(pc.sum(table[name]).as_py() or 0) for name in COUNTER_COLUMNS})
     return counts
@@ -257,8 +278,7 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
     dataset.context.execution_options.preserve_order = True
     dataset = dataset.materialize()
     summary = pa.concat_tables(
-        dataset.select_columns([ROW, "sample_id", "image_id", "image_uri", "caption_index", "caption", "lexemes",
-                                "regions", "reject_reason", "reject_detail", *COUNTER_COLUMNS])
+        dataset.map_batches(summary_stage, batch_format="pyarrow", batch_size=None)
         .iter_batches(batch_format="pyarrow", batch_size=None)).sort_by(ROW)
     counts = _counts(summary, rows_in)
     if counts["rows_written"] + counts["rows_rejected"] != rows_in:

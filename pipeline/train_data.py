@@ -147,15 +147,17 @@ def to_model_batch(batch: pa.Table, spec: BatchSpec) -> dict[str, np.ndarray]:
             out["lexeme_keys"][i, j] = stable_key(unit["key"])
         out["lexeme_mask"][i, : len(units)] = True
         lexeme_texts.append([unit["text"] for unit in units] + [""] * (l - len(units)))
-    # The model's own checks would read back from the GPU on every step; here they cost nothing.
-    check_boxes(torch.from_numpy(out["boxes"]), torch.from_numpy(out["box_mask"]))
+    # The model's own checks would read back from the GPU on every step; here they cost nothing,
+    # and an error can name the prepared row's image.
+    image_names = [str(row["image_id"]) for row in rows]
+    check_boxes(torch.from_numpy(out["boxes"]), torch.from_numpy(out["box_mask"]), image_names)
     if spec.separate_text:
         flat = [text for texts in lexeme_texts for text in texts]
         out["lexeme_tokens"] = (_tokenizer(spec.tokenizer)(flat).numpy().reshape(n, l, -1) if n
                                 else np.zeros((0, l, spec.context_length), np.int64))
     else:
         check_lexeme_spans(torch.from_numpy(out["lexeme_spans"]), torch.from_numpy(out["lexeme_mask"]),
-                           torch.from_numpy(out["tokens"]))
+                           torch.from_numpy(out["tokens"]), image_names)
     return out
 
 

@@ -219,8 +219,9 @@ def test_sweep_on_s3_is_stopped_midway_and_resumes_when_submitted_again(client, 
 
     mlflow = MlflowClient(f"sqlite:///{tmp_path}/sweep.db")
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("harmoclip").experiment_id])
-    children = {r.data.tags["harmoclip.run"].rsplit("/", 1)[-1]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
-    assert len(children) == 2 and stopped_trial in children
+    child_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = {r.data.tags["harmoclip.run"].rsplit("/", 1)[-1]: r for r in child_runs}
+    assert len(child_runs) == len(children) == 2 and stopped_trial in children  # the resumed trial kept its run
     for trial, run in children.items():
         evaluated = mlflow.get_metric_history(run.info.run_id, "val_harmony")
         steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
