@@ -29,6 +29,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from bench.harmony import BASELINE, paired
+from harmoclip.presets import DEFAULT_METHOD
 from jobs.common import add_verbose_argument
 from jobs.regime import mean_r1
 
@@ -190,8 +191,9 @@ def rule_table(changes: dict[str, dict[str, Paired | None]], chosen: str | None,
     return "\n".join(lines)
 
 
-def draw(changes: dict[str, dict[str, Paired | None]], chosen: str | None, path: str) -> None:
-    """One panel per set: x = paired change in mean R@1, y = paired change in box mean/class."""
+def draw(changes: dict[str, dict[str, Paired | None]], marked: str | None, path: str, mark: str = "default") -> None:
+    """One panel per set: x = paired change in mean R@1, y = paired change in box mean/class; the
+    config `marked` (the default) as a red star, labelled with `mark`."""
     labels = list(next(iter(changes.values())))
     figure = Figure(figsize=(6 * len(labels), 5), layout="constrained")
     for axes, label in zip(figure.subplots(1, len(labels), squeeze=False)[0], labels):
@@ -202,16 +204,16 @@ def draw(changes: dict[str, dict[str, Paired | None]], chosen: str | None, path:
             p = per_set[label]
             if p is None:
                 continue
-            style = dict(color="#d62728", ms=11, marker="*") if name == chosen else \
+            style = dict(color="#d62728", ms=11, marker="*") if name == marked else \
                 dict(color="#7f7f7f" if name in REFERENCE else "#1f77b4", ms=6, marker="o")
             axes.errorbar(p.r1[0], p.macc1[0], xerr=p.r1[1], yerr=p.macc1[1], capsize=3, ls="none", **style)
-            axes.annotate(name + (" (default)" if name == chosen else ""), (p.r1[0], p.macc1[0]),
+            axes.annotate(name + (f" ({mark})" if name == marked else ""), (p.r1[0], p.macc1[0]),
                           textcoords="offset points", xytext=(5, 4), fontsize=8)
         points = [p for per_set in changes.values() if (p := per_set[label]) is not None]
         low = min([p.r1[0] - p.r1[1] for p in points] + [ELIGIBLE_R1_CHANGE]) - 0.5
         high = max(p.r1[0] + p.r1[1] for p in points) + 0.5
         axes.set_xlim(low, high)
-        axes.set_title(f"{label}: paired vs gc_only, 3 seeds, 95% intervals (shaded: R@1 change < "
+        axes.set_title(f"{label}: paired vs gc_only, 3 seeds, 95% intervals\n(shaded: mean R@1 change < "
                        f"{ELIGIBLE_R1_CHANGE:g}, not eligible)", fontsize=9)
         axes.set_xlabel("change in mean R@1 (points)")
         axes.set_ylabel("change in box top-1, mean per class (points)")
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> str | None:
     print(rule_table(changes, chosen, teachers(sets)) + "\n")
     print(f"chosen: {chosen or 'none (the shipped default stays)'}: {why}")
     if args.figure:
-        draw(changes, chosen, args.figure)
+        # With nothing chosen the shipped default stays (rule step 5), and the picture marks it.
+        draw(changes, chosen or DEFAULT_METHOD, args.figure, "chosen default" if chosen else "shipped default")
         print(args.figure)
     return chosen
 

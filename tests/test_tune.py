@@ -96,7 +96,9 @@ def data(prepared, tmp_path_factory):
     return root
 
 
-def test_two_trial_sweep_tracks_everything_and_resumes(prepared, data, capsys):
+def test_two_trial_sweep_tracks_everything(prepared, data):
+    # Resuming a stopped sweep (finished trials kept, a stopped one continued from its checkpoint)
+    # is tested on the 2-node cluster, tests/test_cluster.py.
     sweep = data / "sweep"
     argv = ["--data", prepared, "--val-data", str(data / "val"), "--out", str(sweep),
             "--grid-lrc", "0", "1", "--grid-gr", "0.5", "--model", "harmo-micro", "--steps", "2",
@@ -122,16 +124,6 @@ def test_two_trial_sweep_tracks_everything_and_resumes(prepared, data, capsys):
     assert len(table) == 2 and {"retrieval_r1", "box_top1", "harmony", "pareto"} <= set(table[0])
     with Image.open(sweep / "pareto.png") as image:
         assert image.size[0] > 300
-    trial_runs = sorted(p.name for p in (sweep / "trials").iterdir())
-
-    capsys.readouterr()
-    again = tune_job.main(argv)
-    assert "resuming the sweep" in capsys.readouterr().out
-    assert sorted(r["harmony"] for r in again) == sorted(r["harmony"] for r in rows)
-    assert sorted(p.name for p in (sweep / "trials").iterdir()) == trial_runs
-    assert len(client.search_runs([client.get_experiment_by_name("harmoclip").experiment_id])) == 3
-    for child in children:
-        assert len(client.get_metric_history(child.info.run_id, "val_harmony")) == 2  # nothing re-trained
 
 
 def test_a_sweep_whose_trial_fails_exits_1_saying_how_many(prepared, data, capsys):
