@@ -54,9 +54,11 @@ FULL = Sizes(model="ViT-B-16", step_batch=128, step_warmup=3, step_steps=10, tra
 DRY = Sizes(model="harmo-micro", step_batch=4, step_warmup=1, step_steps=1, train_images=12, train_steps=3,
             train_batch=4, eval_images=(4, 96), eval_side=48, eval_batch=4)
 # What a measured figure can possibly be: a rate is > 0, a ratio of two such rates is within a factor
-# of 20 of 1, a loss is finite. A figure outside fails its row (the script then exits 1), so a
-# broken measurement never reads as a result.
-SANE = {"rate": (0.0, float("inf")), "ratio": (0.05, 20.0), "loss": (float("-inf"), float("inf"))}
+# of 100 of 1, a loss is finite. A figure outside fails its row (the script then exits 1), so a
+# broken measurement never reads as a result. (A factor of 20 was too tight: on the dry run's
+# harmo-micro at 48 px the in-process forward ran 1,869 img/s and the Ray Data stage 86, a real
+# ratio of 0.046 set by Ray's per-batch cost, in a fresh-clone CI run of 2026-12-02.)
+SANE = {"rate": (0.0, float("inf")), "ratio": (0.01, 100.0), "loss": (float("-inf"), float("inf"))}
 
 
 def impossible(figures: dict[str, tuple[str, float]]) -> list[str]:

@@ -31,5 +31,6 @@ def test_impossible_figures_fail_their_row():
     assert gpu.impossible({"stage": ("rate", 120.0), "ratio": ("ratio", 0.9), "loss": ("loss", 2.3)}) == []
     assert gpu.impossible({"Ray Data stage": ("rate", -112.0), "ratio": ("ratio", -0.09)}) == \
         ["Ray Data stage = -112", "ratio = -0.09"]
-    assert gpu.impossible({"rate": ("rate", 0.0), "loss": ("loss", float("nan")), "r": ("ratio", 57.0)}) == \
-        ["rate = 0", "loss = nan", "r = 57"]
+    assert gpu.impossible({"rate": ("rate", 0.0), "loss": ("loss", float("nan")), "r": ("ratio", 570.0)}) == \
+        ["rate = 0", "loss = nan", "r = 570"]
+    assert gpu.impossible({"Ray Data vs forward": ("ratio", 0.046)}) == []  # measured on the dry run: slow, not broken
