@@ -7,8 +7,9 @@ process's memory at start (imports and Ray started) and its peak while preparing
 (anonymous pages, from /proc/self/smaps_rollup, sampled every 0.2 s), the driver's own memory,
 which is what must stay flat as the input grows; and resident (`ru_maxrss`), which also counts
 the pages of Ray's shared object store the driver has read through while writing the shards (they
-belong to the object store, which spills to disk when full). `--code DIR` runs another checkout of the project (say a `git worktree` of an
-earlier commit) in the same environment, for a before/after table measured in one sitting.
+belong to the object store, which spills to disk when full). `--code DIR` runs another checkout
+of the project (say a `git worktree` of an earlier commit) in the same environment, for a
+before/after table measured in one sitting.
 
     .venv/bin/python -m bench.prepare_memory --images 1000 10000
     git worktree add /tmp/before HEAD~1 && .venv/bin/python -m bench.prepare_memory --code /tmp/before
@@ -78,7 +79,8 @@ def child(source: str, out: str) -> None:
     manifest = prepare(find_source(source), out, PrepareConfig(regions="grid"))
     seconds = time.perf_counter() - started
     print(json.dumps({"start_mib": at_start, "peak_mib": peak_mib(), "private_start_mib": private_at_start,
-                      "private_peak_mib": private.close(), "seconds": seconds, "rows": manifest["counts"]["rows_written"]}))
+                      "private_peak_mib": private.close(), "seconds": seconds,
+                      "rows": manifest["counts"]["rows_written"]}))
 
 
 def measure(code: str, source: str, out: str) -> dict:
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     checkouts = ([("before", os.path.abspath(args.code))] if args.code else []) + [("this checkout", ROOT)]
     rows = []
-    print("| code | images | caption rows | driver private memory at start / peak / growth (MiB) | driver RSS at start / "
-          "peak / growth (MiB) | images/s |\n|---|---|---|---|---|---|", flush=True)
+    print("| code | images | caption rows | driver private memory at start / peak / growth (MiB) "
+          "| driver RSS at start / peak / growth (MiB) | images/s |\n|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for images in args.images:
             source = f"{tmp}/shapes-{images}"
@@ -117,8 +119,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 out = f"{tmp}/prepared-{images}-{len(rows)}"
                 row = {"code": label, "images": images, **measure(code, source, out)}
                 rows.append(row)
+                private = row["private_peak_mib"] - row["private_start_mib"]
                 print(f"| {label} | {images} | {row['rows']} | {row['private_start_mib']:.0f} / "
-                      f"{row['private_peak_mib']:.0f} / {row['private_peak_mib'] - row['private_start_mib']:.0f} | {row['start_mib']:.0f} / "
+                      f"{row['private_peak_mib']:.0f} / {private:.0f} | {row['start_mib']:.0f} / "
                       f"{row['peak_mib']:.0f} / {row['peak_mib'] - row['start_mib']:.0f} | "
                       f"{images / row['seconds']:.1f} |", flush=True)
     return rows

@@ -165,6 +165,16 @@ def add_regions_argument(container: Any, default: str | None, use: str,
     return container.add_argument("--regions", default=default, choices=list(choices), help=f"{REGIONS_HELP}. {use}")
 
 
+def help_value(value: Any) -> str:
+    """A default as --help shows it: booleans and None as the words the flags take (true, false,
+    none), lists space-separated, and `%` escaped (argparse %-formats help texts)."""
+    if isinstance(value, (list, tuple)):
+        text = " ".join(map(str, value))
+    else:
+        text = str(value).lower() if isinstance(value, bool) or value is None else str(value)
+    return text.replace("%", "%%")
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every job's --help: the description as written, and each flag's default after its help
     (unless the help already says it, or there is none to show), so no default is hidden."""
@@ -175,9 +185,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if (default in (None, argparse.SUPPRESS, "", []) or "default" in text.lower() or not action.option_strings
                 or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
-        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default).lower() \
-            if isinstance(default, bool) else default
-        return f"{text} (default: {shown})".replace("%", "%%").lstrip()
+        return f"{text} (default: {help_value(default)})".lstrip()
 
 
 def config_from_args(args: argparse.Namespace, config_type: type[T], prefix: str = "") -> T:
@@ -196,7 +204,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     shipped = METHOD_PRESETS[DEFAULT_METHOD]
     for action in group._group_actions:  # the field flags' defaults are the preset's: show the shipped one's
         if action.help and action.help is not argparse.SUPPRESS and hasattr(shipped, action.dest):
-            action.help += f" ({DEFAULT_METHOD}: {str(getattr(shipped, action.dest)).lower()})"
+            action.help += f" ({DEFAULT_METHOD}: {help_value(getattr(shipped, action.dest))})"
 
 
 def method_from_args(args: argparse.Namespace) -> MethodConfig:

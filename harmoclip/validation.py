@@ -30,7 +30,8 @@ def check_boxes(boxes: torch.Tensor, box_mask: torch.Tensor, sample_names: Seque
         bad = bad & box_mask
         if bad.any():
             sample, slot = _first_bad(bad)
-            raise ValueError(f"box {slot} of {_sample(sample, sample_names)} {reason}: {boxes[sample, slot].tolist()} {BOX_FORMAT}")
+            raise ValueError(f"box {slot} of {_sample(sample, sample_names)} {reason}: "
+                             f"{boxes[sample, slot].tolist()} {BOX_FORMAT}")
 
 
 def image_boxes(boxes: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -77,4 +78,5 @@ def check_lexeme_spans(spans: torch.Tensor, span_mask: torch.Tensor, tokens: tor
         bad = bad & span_mask
         if bad.any():
             sample, slot = _first_bad(bad)
-            raise ValueError(f"lexeme {slot} of {_sample(sample, sample_names)} {reason}: span {spans[sample, slot].tolist()}")
+            raise ValueError(f"lexeme {slot} of {_sample(sample, sample_names)} {reason}: "
+                             f"span {spans[sample, slot].tolist()}")

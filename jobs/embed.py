@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from harmoclip.cli import (HelpFormatter, INFERENCE_FLAGS, add_bool_argument, add_config_arguments, add_deprecated_alias,
-                          add_inference_model_arguments, config_from_args, inference_model_from_args)
+from harmoclip.cli import (HelpFormatter, INFERENCE_FLAGS, add_bool_argument, add_config_arguments,
+                           add_deprecated_alias, add_inference_model_arguments, config_from_args,
+                           inference_model_from_args)
 from harmoclip.config import EmbedConfig, InferenceConfig
 from jobs.common import add_verbose_argument, init_ray, set_verbose, user_errors
 from pipeline.dataset import DatasetError

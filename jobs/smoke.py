@@ -14,8 +14,8 @@ import torch
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, create_clip
 from harmoclip.batch import synthetic_batch
-from harmoclip.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, add_method_arguments, add_model_arguments,
-                          device_is_gpu, method_from_args, model_from_args)
+from harmoclip.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, add_method_arguments,
+                           add_model_arguments, device_is_gpu, method_from_args, model_from_args)
 from jobs.common import add_verbose_argument, set_verbose, user_errors
 
 

@@ -36,8 +36,8 @@ from ray.train.torch import TorchTrainer
 
 from harmoclip import HarmoCLIP, HarmoCLIPLoss, MethodConfig, ModelConfig, create_clip
 from harmoclip.checkpoint import CONFIG_FILENAME, WEIGHTS_FILENAME, load_checkpoint, write_checkpoint
-from harmoclip.cli import (HelpFormatter, add_bool_argument, add_config_arguments, add_method_arguments, add_model_arguments,
-                          config_from_args, method_from_args, model_from_args)
+from harmoclip.cli import (HelpFormatter, add_bool_argument, add_config_arguments, add_method_arguments,
+                           add_model_arguments, config_from_args, method_from_args, model_from_args)
 from harmoclip.config import TrainConfig, as_flat_dict
 from harmoclip.model_card import write_model_card, write_safetensors
 from harmoclip.optim import adamw, apply_gradients, term_gradient_norms, warmup_cosine

@@ -24,8 +24,9 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from harmoclip.cli import (HelpFormatter, add_bool_argument, add_config_arguments, add_deprecated_alias, add_method_arguments,
-                          add_model_arguments, config_from_args, method_from_args, model_from_args)
+from harmoclip.cli import (HelpFormatter, add_bool_argument, add_config_arguments, add_deprecated_alias,
+                           add_method_arguments, add_model_arguments, config_from_args, method_from_args,
+                           model_from_args)
 from harmoclip.config import MethodConfig, TrainConfig, as_flat_dict
 from harmoclip.presets import DEFAULT_METHOD, method_preset
 from harmoclip.storage import is_remote, join, write_bytes

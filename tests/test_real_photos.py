@@ -163,7 +163,8 @@ def test_word_lexemes_beyond_the_slots_are_cut_and_counted(real):
 def test_bad_boxes_and_spans_in_prepared_rows_through_the_batch_builder(real):
     """Regions out of the image, inverted or NaN are clipped or dropped (never reach the model as
     invalid boxes); a lexeme span past the caption's end-of-text is an error naming the image."""
-    rows = _shards(real["data"]).slice(0, 4).to_pylist()
+    prepared = _shards(real["data"])
+    rows = prepared.slice(0, 4).to_pylist()
     context = json.loads((Path(real["data"]) / "dataset.json").read_text())["tokenizer"]["context_length"]
     spec = BatchSpec(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, max_regions=8, max_lexemes=4,
                      context_length=context, tokenizer=TEST_MODEL)
@@ -174,7 +175,7 @@ def test_bad_boxes_and_spans_in_prepared_rows_through_the_batch_builder(real):
     template = rows[0]["regions"][0]
     rows[0]["regions"] = [{**template, **box} for box in [inside, *bad]]
     rows[0]["width"] = rows[0]["height"] = 100  # a square image: the crop is the whole image
-    table = pa.Table.from_pylist(rows, schema=_shards(real["data"]).schema)
+    table = pa.Table.from_pylist(rows, schema=prepared.schema)
     batch = to_model_batch(table, spec)
     kept = batch["boxes"][0][batch["box_mask"][0]]
     np.testing.assert_allclose(kept, [[0.2, 0.2, 0.6, 0.7], [0.0, 0.1, 1.0, 0.9]], atol=1e-6)
@@ -182,7 +183,7 @@ def test_bad_boxes_and_spans_in_prepared_rows_through_the_batch_builder(real):
     bad = next(i for i, row in enumerate(rows) if i > 0 and row["lexemes"])
     end_of_text = int(np.argmax(rows[bad]["tokens"]))
     rows[bad]["lexemes"][0] = {**rows[bad]["lexemes"][0], "tok_start": 1, "tok_end": end_of_text + 3}
-    table = pa.Table.from_pylist(rows, schema=_shards(real["data"]).schema)
+    table = pa.Table.from_pylist(rows, schema=prepared.schema)
     named = rf"lexeme 0 of sample {bad} \(image {re.escape(rows[bad]['image_id'])}\) ends after"
     with pytest.raises(ValueError, match=named):
         to_model_batch(table, spec)
