@@ -136,6 +136,8 @@ def train_worker(config: dict[str, RunSpec]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             step = load_checkpoint(directory, model, optimizer, scheduler)
+        if rank == 0:
+            progress.info(f"restored {os.path.basename(checkpoint.path.rstrip('/'))}: going on from step {step}")
     loss_fn = HarmoCLIPLoss(spec.method)
     device = ray.train.torch.get_device()
     tracker = (RunTracker(spec.tracking_uri, train.experiment, spec.out, os.path.basename(spec.out.rstrip("/")),
