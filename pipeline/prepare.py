@@ -38,7 +38,7 @@ from .images import decode_stage
 from .lexemes import LEXEME_TYPE, LexemeParser
 from .regions import GT_BOX_TYPE, REGION_TYPE, region_stage
 from .shards import image_rows
-from .sources import Source, SourceError, blank_caption, categories
+from .sources import Source, SourceError, blank_caption
 
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"
@@ -296,7 +296,7 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
         "regions": {"method": config.regions, "max_regions": config.max_regions,
                     "min_region_size": config.min_region_size, "proposals": config.proposals},
         "categories": [{"id": c["id"], "name": c["name"], **({"isthing": c["isthing"]} if "isthing" in c else {})}
-                       for c in categories(source.instances)],
+                       for c in images.categories],
         "config": asdict(config),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -1,5 +1,6 @@
-"""The image rows of any source as a Ray Dataset, and the two sources that only Ray Data reads:
-WebDataset shards and sharded manifests.
+"""The image rows of any source as a Ray Dataset, no source file parsed in the job's process, and
+the readers of the two sources that Ray Data reads in parallel: WebDataset shards and sharded
+manifests.
 
 - **WebDataset** (what img2dataset writes): `.tar` shards of samples `KEY.jpg` (or .jpeg, .png,
   .webp), `KEY.txt` and/or `KEY.json`, read by Ray Data's own reader (`ray.data.read_webdataset`,
@@ -19,8 +20,8 @@ the position of its first caption among all the source's caption rows, which `pi
 writes in. It is a function of the input alone: rows are sorted by their order key (WebDataset:
 shard URI, then sample key; manifests: the image key, as `read_image_rows` sorts), and the driver
 needs only each row's key and caption count to give it (the read rows are materialized first, as
-the prepared ones are later). A COCO folder and a single manifest are read here, in this process,
-by `read_image_rows`, and numbered the same way.
+the prepared ones are later). A COCO folder or a single manifest is one document, which one Ray
+task parses (`read_image_rows`, sorted by image key) and hands on in blocks.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from __future__ import annotations
 import functools
 import json
 import tarfile
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,9 +41,8 @@ from ray.data.context import ShuffleStrategy
 
 from harmoclip.storage import is_remote, resolve
 
-from . import dataset_of
-from .sources import (IMAGE_ROW_SCHEMA, SHARDED_MANIFEST, WEBDATASET, Source, SourceError, empty_image_path,
-                      image_row, is_crowd, manifest_pairs, parse_manifest, read_image_rows, xywh)
+from .sources import (IMAGE_ROW_SCHEMA, SHARDED_MANIFEST, WEBDATASET, Source, SourceError, categories,
+                      empty_image_path, image_row, is_crowd, manifest_pairs, parse_manifest, read_image_rows, xywh)
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first of these it has
 BOXES_FIELD = "boxes"
@@ -63,6 +63,7 @@ class ImageRows:
     dataset: ray.data.Dataset
     rows_in: int  # caption rows: what `rows_written + rows_rejected` must come to
     num_images: int
+    categories: list[dict] = field(default_factory=list)  # a COCO folder's (instances.json), else none
 
 
 def image_rows(source: Source, proposals_uri: Optional[str] = None, batch_size: int = 64) -> ImageRows:
@@ -72,11 +73,28 @@ def image_rows(source: Source, proposals_uri: Optional[str] = None, batch_size: 
         return _numbered(_webdataset(source), source)
     if source.kind == SHARDED_MANIFEST:
         return _numbered(_sharded_manifest(source), source)
+    blocks = _document_blocks.remote(source, proposals_uri, batch_size)
+    try:
+        rows_in, num_images, coco_categories = ray.get(next(blocks))
+    except ray.exceptions.RayTaskError as err:  # a bad or missing file: what the task raised, as itself
+        raise err.cause from None
+    return ImageRows(ray.data.from_arrow_refs(list(blocks)), rows_in, num_images, coco_categories)
+
+
+@ray.remote(num_returns="streaming")
+def _document_blocks(source: Source, proposals_uri: Optional[str], rows_per_block: int) -> Iterator[Any]:
+    """A COCO folder or a single manifest is one document (captions.json, instances.json, a .jsonl):
+    this Ray task parses it, so the job's process never holds it, and yields first `(caption rows,
+    images, categories)`, then the image rows (IMAGE_ROWS_SCHEMA, in `first_row` order) in blocks
+    of `rows_per_block`. The blocks belong to the caller, so Ray re-runs this task if a node holding
+    some of them is lost."""
     table = read_image_rows(source, proposals_uri)
     counts = pc.list_value_length(table["captions"]).fill_null(0).to_numpy(zero_copy_only=False)
     table = (table.append_column("image", pa.nulls(table.num_rows, pa.binary()))
              .append_column(FIRST_ROW, pa.array(np.cumsum(counts) - counts, pa.int64())))
-    return ImageRows(dataset_of(table, batch_size), int(counts.sum()), table.num_rows)
+    yield int(counts.sum()), table.num_rows, categories(source.instances)
+    for start in range(0, max(table.num_rows, 1), rows_per_block):
+        yield table.slice(start, rows_per_block)
 
 
 def _paths(source: Source) -> tuple[Any, list[str]]:
