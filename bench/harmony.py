@@ -13,7 +13,8 @@ gc_only, region_only (LRC without GC) and harmoclip (the shipped defaults) are a
 --configs adds others as NAME[:FIELD=VALUE,FIELD=VALUE] (MethodConfig fields, as in --help): a
 NAME that is a preset of harmoclip.presets (paper, lrc_only, l2sp, ...) starts from that preset,
 any other NAME from the shipped default. --wise CONFIG adds WiSE-FT arms CONFIG_wiseA: each run
-of CONFIG blended with the base at alpha A (jobs.interpolate), evaluated, no training.
+of CONFIG blended with the base at alpha A (jobs.interpolate; --wise-alphas, default 0.25 0.5
+0.75), evaluated, no training.
 Runs already in DIR are kept, so an interrupted study continues where it stopped.
 
     .venv/bin/python -m bench.harmony --seeds 0 1 2 --configs paper lrc_only --wise lrc_only --out outputs/harmony
@@ -142,8 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--configs", nargs="*", default=[], help="extra configs, NAME:FIELD=VALUE,...")
     parser.add_argument("--only", nargs="*", default=None, help="run only these config names (others are kept)")
     parser.add_argument("--wise", nargs="*", default=[], metavar="CONFIG",
-                        help=f"WiSE-FT arms: blend each run of CONFIG with the base at alpha "
-                             f"{', '.join(map(str, WISE_ALPHAS))} and evaluate (no training)")
+                        help="WiSE-FT arms: blend each run of CONFIG with the base at each --wise-alphas and "
+                             "evaluate (no training)")
+    parser.add_argument("--wise-alphas", type=float, nargs="+", default=list(WISE_ALPHAS), metavar="A",
+                        help="weights of the fine-tuned run in the --wise blends (0: the base, 1: the run)")
     parser.add_argument("--holdout", action="store_true",
                         help="also evaluate every run on a second validation set drawn differently (other "
                              "seed, image size and captions per image), reported beside val, never used to choose")
@@ -156,12 +159,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs = {**ARMS, **dict(parse_config(text) for text in args.configs)}
     if set(args.wise) - set(configs):
         raise SystemExit(f"error: --wise {' '.join(args.wise)}: not a config of this study ({', '.join(configs)})")
+    if not all(0 <= alpha <= 1 for alpha in args.wise_alphas):
+        raise SystemExit(f"error: --wise-alphas {' '.join(map(str, args.wise_alphas))}: each must be in [0, 1]")
     if args.real and args.holdout:
         raise SystemExit("error: --holdout draws a synthetic second set; with --real, evaluate the study's "
                          "checkpoints on your own second set with jobs.evaluate")
     init_ray()
     try:
-        return run_study(out, regime, configs, args.seeds, args.only, args.holdout, args.wise)
+        return run_study(out, regime, configs, args.seeds, args.only, args.holdout, args.wise, args.wise_alphas)
     except RegimeMismatch as err:
         raise SystemExit(f"error: {err}") from err
 
@@ -178,7 +183,8 @@ def record_run(study: dict[str, Any], study_file: str, name: str, method: Method
 
 
 def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[int],
-              only: list[str] | None, holdout: bool, wise: list[str] = ()) -> dict[str, Any]:
+              only: list[str] | None, holdout: bool, wise: list[str] = (),
+              wise_alphas: tuple[float, ...] = WISE_ALPHAS) -> dict[str, Any]:
     tracking_uri = f"sqlite:///{out}/mlflow.db"
     os.makedirs(out, exist_ok=True)
     study_file = f"{out}/harmony.json"
@@ -210,7 +216,7 @@ def run_study(out: str, regime, configs: dict[str, MethodConfig], seeds: list[in
         print(f"  {number}/{len(todo)} {name} seed {seed}: {brief(results)} ({time.monotonic() - started:.0f} s)",
               flush=True)
         if name in wise:
-            blends = {alpha: run_dir(out, f"{name}_wise{alpha:g}", seed) for alpha in WISE_ALPHAS}
+            blends = {alpha: run_dir(out, f"{name}_wise{alpha:g}", seed) for alpha in wise_alphas}
             write_blends(run, {a: b for a, b in blends.items() if not os.path.exists(f"{b}/open_clip_weights.pt")})
             for alpha, blend in blends.items():
                 blend_name = f"{name}_wise{alpha:g}"

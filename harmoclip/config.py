@@ -336,10 +336,6 @@ class TrainConfig:
         default=None
     )
     experiment: str = _help("MLflow experiment name.", default="harmoclip")
-    inject_crash_at_step: Optional[int] = _help(
-        "Testing only: the worker of rank --inject-crash-rank exits abruptly at this step, once.", hidden=True,
-        default=None)
-    inject_crash_rank: int = _help("Testing only: which rank --inject-crash-at-step kills.", hidden=True, default=1)
     inject_nan_at_step: Optional[int] = _help("Testing only: make the loss NaN at this step.", hidden=True,
                                               default=None)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -57,7 +56,6 @@ RUN_RECORD = "config.json"  # OUT/config.json: every setting of the run, written
 # Settings that change how a run is carried out, not what it trains: a re-run may change them
 # without --resume (a longer --max-failures after a crash, say).
 NOT_COMPARED = frozenset(f"train.{name}" for name in ("max_failures", "checkpoint_upload", "placement",
-                                                      "inject_crash_at_step", "inject_crash_rank",
                                                       "inject_nan_at_step"))
 
 
@@ -100,17 +98,6 @@ class RunSpec:
     def params(self) -> dict[str, Any]:
         return {"data": self.data, "out": self.out, "total_steps": self.total_steps,
                 **as_flat_dict(self.model, self.method, self.train)}
-
-
-def _maybe_crash(spec: RunSpec, step: int, rank: int) -> None:
-    """Fault injection for tests: kill this worker process once, as a lost node would."""
-    if spec.train.inject_crash_at_step != step or spec.train.inject_crash_rank != rank:
-        return
-    run_key = hashlib.sha256(spec.out.encode()).hexdigest()[:16]
-    marker = os.path.join(tempfile.gettempdir(), f"harmoclip-crashed-{run_key}-{step}")
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
 
 
 def train_worker(config: dict[str, RunSpec]) -> None:
@@ -171,7 +158,6 @@ def train_worker(config: dict[str, RunSpec]) -> None:
         term_norms = (term_gradient_norms(loss_fn.weighted(losses), model)
                       if log_step and train.grad_norms else {})
         grad_norm = apply_gradients(loss, model, optimizer, scheduler, train.grad_clip)
-        _maybe_crash(spec, step, rank)
         if first_step_done is None:
             first_step_done = time.perf_counter()
 

@@ -5,6 +5,7 @@ and what the jobs print (their own progress, Ray's internals only with --verbose
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -203,7 +204,7 @@ def test_two_node_cluster_prepares_trains_and_evaluates_on_s3(cluster, client, d
     assert sorted(placement) == ["0", "1"], logs[-1][-3000:]
     assert len(set(placement.values())) == 2  # one worker per node
     run_keys = _keys(bucket, "runs/r1/")
-    assert f"runs/r1/open_clip_weights.pt" in run_keys
+    assert "runs/r1/open_clip_weights.pt" in run_keys
     assert any(k.startswith("runs/r1/checkpoint_000012/") and k.endswith("open_clip_weights.pt") for k in run_keys)
 
     # The jobs print their own progress; Ray's INFO lines (per-step reports, Ray Data progress
@@ -277,6 +278,11 @@ def test_sweep_on_s3_is_stopped_midway_and_resumes_when_submitted_again(client, 
     child_runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     children = {r.data.tags["harmoclip.run"].rsplit("/", 1)[-1]: r for r in child_runs}
     assert len(child_runs) == len(children) == 2 and stopped_trial in children  # the resumed trial kept its run
+    assert sorted((r.data.params["method.lambda_lrc"], r.data.params["method.lambda_gr"]) for r in child_runs) == \
+        [("0.0", "0.0"), ("1.0", "0.0")]
+    summary = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).get_object(
+        Bucket=bucket, Key="sweeps/s1/summary.csv")["Body"].read().decode()
+    assert sorted(row["lambda_lrc"] for row in csv.DictReader(io.StringIO(summary))) == ["0.0", "1.0"]
     for trial, run in children.items():
         evaluated = mlflow.get_metric_history(run.info.run_id, "val_harmony")
         steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
