@@ -29,19 +29,19 @@ SMALL = ["--base-images", "24", "--base-steps", "4", "--train-images", "24", "--
 @pytest.fixture(scope="module")
 def demo(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    return out, demo_job.main(["--out", str(out), *SMALL, "--region-only"])
+    return out, demo_job.main(["--out", str(out), *SMALL])
 
 
 def test_demo_fine_tunes_every_arm_from_one_base(demo):
     out, results = demo
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved) == {"base", "baseline", "harmoclip", "region_only"}
+    assert set(saved) == {"base", "baseline", "harmoclip"}
     assert saved["base"]["checkpoint"] == str(out / "base")
-    for name, config in (("baseline", "gc_only"), ("harmoclip", "harmoclip"), ("region_only", "region_only")):
+    for name, config in (("baseline", "gc_only"), ("harmoclip", "harmoclip")):
         assert saved[name]["checkpoint"] == str(out / "runs" / config / "seed0")
         trained = json.loads((out / "runs" / config / "seed0" / "harmoclip.json").read_text())
         assert trained["model"]["init_from"] == str(out / "base")  # every arm fine-tunes the base
-        assert trained["method"]["lambda_gc"] == (0.0 if name == "region_only" else 1.0)
+        assert trained["method"]["lambda_gc"] == 1.0
     stamp = json.loads((out / "runs" / "harmoclip" / "seed0" / "arm.json").read_text())
     assert stamp["finetune"]["lr"] == Regime.finetune.lr  # flags not given keep the regime's values
     again = evaluate_job.evaluate(saved["harmoclip"]["checkpoint"], str(out / "data" / "val"))
@@ -53,7 +53,7 @@ def test_demo_fine_tunes_every_arm_from_one_base(demo):
 def test_a_second_demo_into_the_same_folder_prints_the_finished_table(demo, capsys):
     out, results = demo
     stamp = (out / "runs" / "harmoclip" / "seed0" / "open_clip_weights.pt").stat().st_mtime
-    again = demo_job.main(["--out", str(out), *SMALL, "--region-only"])
+    again = demo_job.main(["--out", str(out), *SMALL])
     assert again == json.loads((out / "results.json").read_text())
     printed = capsys.readouterr().out
     assert "holds a finished demo" in printed and demo_job.side_by_side(results).splitlines()[0] in printed
