@@ -64,7 +64,7 @@ class PeakPrivate:
         return self.peak
 
 
-def child(source: str, out: str) -> None:
+def child(source: str, out: str, batch_size: int) -> None:
     """Runs in the measured process: start Ray, prepare, print one JSON line."""
     import ray
 
@@ -76,17 +76,18 @@ def child(source: str, out: str) -> None:
     at_start, private_at_start = peak_mib(), private_mib()
     private = PeakPrivate()
     started = time.perf_counter()
-    manifest = prepare(find_source(source), out, PrepareConfig(regions="grid"))
+    manifest = prepare(find_source(source), out, PrepareConfig(regions="grid", batch_size=batch_size))
     seconds = time.perf_counter() - started
     print(json.dumps({"start_mib": at_start, "peak_mib": peak_mib(), "private_start_mib": private_at_start,
                       "private_peak_mib": private.close(), "seconds": seconds,
                       "rows": manifest["counts"]["rows_written"]}))
 
 
-def measure(code: str, source: str, out: str) -> dict:
+def measure(code: str, source: str, out: str, batch_size: int) -> dict:
     """One prepare in a fresh interpreter that imports the project from `code`."""
     # This file by path (so an older checkout needs no copy of it); the project from `code`.
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", source, out], cwd=code,
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--batch-size", str(batch_size),
+                             "--child", source, out], cwd=code,
                             env={**os.environ, "PYTHONPATH": code}, capture_output=True, text=True, check=False)
     if result.returncode:
         raise SystemExit(f"error: prepare of {source} with the code in {code} failed:\n{result.stderr[-3000:]}")
@@ -99,10 +100,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000], help="input sizes (images)")
     parser.add_argument("--code", default=None, metavar="DIR",
                         help="also measure the checkout in DIR (an earlier commit), reported as 'before'")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="jobs.prepare --batch-size (rows per block), to tell per-block from per-row costs")
     parser.add_argument("--child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(*args.child)
+        child(*args.child, args.batch_size)
         return []
     from pipeline.synthetic import write_shapes_dataset
 
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 write_shapes_dataset(source, images=images, seed=0, size=64)
             for label, code in checkouts:
                 out = f"{tmp}/prepared-{images}-{len(rows)}"
-                row = {"code": label, "images": images, **measure(code, source, out)}
+                row = {"code": label, "images": images, **measure(code, source, out, args.batch_size)}
                 rows.append(row)
                 private = row["private_peak_mib"] - row["private_start_mib"]
                 print(f"| {label} | {images} | {row['rows']} | {row['private_start_mib']:.0f} / "
