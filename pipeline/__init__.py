@@ -5,11 +5,16 @@ import pyarrow as pa
 import ray.data
 
 
+def table_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """`table` cut into blocks of `rows_per_block` rows (zero-copy slices; an empty table stays one
+    empty block), so the stages that follow get batches of that size in parallel instead of one
+    block holding everything."""
+    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)] or [table]
+
+
 def dataset_of(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
-    """A driver-side table as a Ray Dataset of blocks of `rows_per_block` rows, so the stages
-    that follow get batches of that size in parallel instead of one block holding everything."""
-    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-                               or [table])
+    """A driver-side table as a Ray Dataset of `table_blocks`."""
+    return ray.data.from_arrow(table_blocks(table, rows_per_block))
 
 
 def report_progress_to_log(dataset: ray.data.Dataset) -> ray.data.Dataset:

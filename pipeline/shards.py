@@ -41,6 +41,7 @@ from ray.data.context import ShuffleStrategy
 
 from harmoclip.storage import is_remote, resolve
 
+from . import table_blocks
 from .sources import (IMAGE_ROW_SCHEMA, SHARDED_MANIFEST, WEBDATASET, Source, SourceError, categories,
                       empty_image_path, image_row, is_crowd, manifest_pairs, parse_manifest, read_image_rows, xywh)
 
@@ -93,8 +94,8 @@ def _document_blocks(source: Source, proposals_uri: Optional[str], rows_per_bloc
     table = (table.append_column("image", pa.nulls(table.num_rows, pa.binary()))
              .append_column(FIRST_ROW, pa.array(np.cumsum(counts) - counts, pa.int64())))
     yield int(counts.sum()), table.num_rows, categories(source.instances)
-    for start in range(0, max(table.num_rows, 1), rows_per_block):
-        yield table.slice(start, rows_per_block)
+    for block in table_blocks(table, rows_per_block):  # not `yield from`: Ray sends values into this generator
+        yield block
 
 
 def _paths(source: Source) -> tuple[Any, list[str]]:

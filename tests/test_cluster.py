@@ -33,15 +33,15 @@ ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+def _processes_mentioning(text: str) -> list[psutil.Process]:
+    """This machine's processes with `text` in their command line."""
+    return [process for process in psutil.process_iter(["cmdline"])
+            if any(text in part for part in process.info["cmdline"] or [])]
+
+
 def _kill_cluster(temp_dir: str) -> None:
     """Every process of this cluster (its temp dir is in their command lines), by PID."""
-    victims = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in part for part in process.info["cmdline"] or []):
-                victims.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+    victims = _processes_mentioning(temp_dir)
     for process in victims:
         try:
             process.send_signal(signal.SIGTERM)
@@ -101,10 +101,7 @@ class TwoNodeCluster:
     def stop_worker_node(self) -> None:
         """Every process of the node at once: its raylet's tree and the rest `ray start` left
         (the log monitor, which would otherwise forward the restarted node's lines twice)."""
-        victims = self.worker_node_processes()
-        for process in psutil.process_iter(["cmdline"]):
-            if any(f"{self.temp_dir}-worker" in part for part in process.info["cmdline"] or []):
-                victims.append(process)
+        victims = self.worker_node_processes() + _processes_mentioning(f"{self.temp_dir}-worker")
         for process in victims:
             try:
                 process.kill()
@@ -280,8 +277,7 @@ def test_sweep_on_s3_is_stopped_midway_and_resumes_when_submitted_again(client, 
     assert len(child_runs) == len(children) == 2 and stopped_trial in children  # the resumed trial kept its run
     assert sorted((r.data.params["method.lambda_lrc"], r.data.params["method.lambda_gr"]) for r in child_runs) == \
         [("0.0", "0.0"), ("1.0", "0.0")]
-    summary = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).get_object(
-        Bucket=bucket, Key="sweeps/s1/summary.csv")["Body"].read().decode()
+    summary = _objects(bucket, "sweeps/s1/", "summary.csv")["summary.csv"].decode()
     assert sorted(row["lambda_lrc"] for row in csv.DictReader(io.StringIO(summary))) == ["0.0", "1.0"]
     for trial, run in children.items():
         evaluated = mlflow.get_metric_history(run.info.run_id, "val_harmony")
