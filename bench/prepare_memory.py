@@ -86,7 +86,7 @@ def child(source: str, out: str, batch_size: int) -> None:
 def measure(code: str, source: str, out: str, batch_size: int) -> dict:
     """One prepare in a fresh interpreter that imports the project from `code`."""
     # This file by path (so an older checkout needs no copy of it); the project from `code`.
-    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--batch-size", str(batch_size),
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--rows-per-batch", str(batch_size),
                              "--child", source, out], cwd=code,
                             env={**os.environ, "PYTHONPATH": code}, capture_output=True, text=True, check=False)
     if result.returncode:
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--images", type=int, nargs="+", default=[1000, 10000], help="input sizes (images)")
     parser.add_argument("--code", default=None, metavar="DIR",
                         help="also measure the checkout in DIR (an earlier commit), reported as 'before'")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="jobs.prepare --batch-size (rows per block), to tell per-block from per-row costs")
+    parser.add_argument("--rows-per-batch", dest="batch_size", type=int, default=64,
+                        help="jobs.prepare --rows-per-batch (rows per block), to tell per-block from per-row costs")
     parser.add_argument("--child", nargs=2, metavar=("SOURCE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

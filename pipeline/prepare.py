@@ -1,14 +1,21 @@
 """The preparation pipeline: image rows -> decode -> regions -> one row per caption -> lexemes -> Parquet.
 
+Streaming: the prepared rows pass through this process once, block by block, as Ray Data's
+streaming executor hands them on (`write_prepared`): each block goes into the shards, the rejects
+file and the counts, then is dropped. Nothing is materialized, so the job holds a few blocks and a
+few numbers whatever the size of the input, and the blocks already written are released (with the
+lineage Ray keeps to rebuild them) as it goes.
+
 Determinism: every caption row carries `row`, its position in the source (images in the order
 `pipeline.shards.image_rows` numbers them, a function of the input alone; each image's captions
-in order). The rejects are written sorted by it, and this process writes the shards itself, `part-00000-0.parquet`, ... of `rows_per_shard` rows, from
-the materialized rows put in `row` order (`InOrder`), so the bytes are a function of the input and
-config alone, whatever the number of actors or the load. (Ray Data's Parquet writer is not used:
-it hands each shard to `pyarrow.dataset.write_dataset(use_threads=True)`, which writes a table's
-record batches in whatever order its threads finish.) A destination that already holds anything
-is refused unless `overwrite`, which deletes it first; `dataset.json` is written last, so a dataset
-without it is incomplete.
+in order). Blocks are put back in `row` order (`InOrder`) before anything is written, and this
+process writes the shards itself, `part-00000-0.parquet`, ... of `rows_per_shard` rows, so the bytes
+are a function of the input and config alone, whatever the number of actors or the load. (Ray
+Data's Parquet writer is not used: it hands each shard to
+`pyarrow.dataset.write_dataset(use_threads=True)`, which writes a table's record batches in
+whatever order its threads finish.) A destination that already holds anything is refused unless
+`overwrite`, which deletes it first; `dataset.json` is written last, so a dataset without it is
+incomplete (a run that fails half-way leaves the shards written so far, and no `dataset.json`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import open_clip
@@ -29,7 +36,6 @@ import ray.data
 import spacy
 from ray.data import ActorPoolStrategy
 
-from harmoclip.batch import stable_key
 from harmoclip.config import PrepareConfig
 from harmoclip.model import register_tiny_configs
 from harmoclip.storage import is_remote, join, resolve
@@ -43,6 +49,7 @@ from .sources import Source, SourceError, blank_caption
 SCHEMA_VERSION = 1
 DATASET_FILE = "dataset.json"
 REJECTS_DIR = "rejects"
+REJECTS_ROW_GROUP = 10_000  # rows per row group of the rejects file
 IMAGE_LEVEL_REASONS = {"unknown_image_id", "empty_image_path", "missing_image", "unreadable_image",
                        "empty_image_file", "corrupt_image", "zero_size_image", "too_many_pixels",
                        "fetch_timeout", "fetch_failed", "bad_annotation"}
@@ -173,70 +180,89 @@ def check_destination(out: str, overwrite: bool) -> None:
         raise DestinationError(f"cannot use {out}: {err}") from err
 
 
-def summary_stage(block: pa.Table) -> pa.Table:
-    """Caption rows -> what the counts and the rejects table need of them, and no more: the driver
-    gathers this for every row, so a written row costs it a few numbers (no image, tokens, lexemes
-    or regions) and only a rejected row keeps its texts."""
-    rejected = pc.is_valid(block["reject_reason"])
-    def if_rejected(name: str) -> pa.ChunkedArray:
-        return pc.if_else(rejected, block[name], pa.scalar(None, block.schema.field(name).type))
-    return pa.table({
-        ROW: block[ROW],
-        "image_key": pa.array([stable_key(i or "") for i in block["image_id"].to_pylist()], pa.int64()),
-        "lexeme_count": pc.list_value_length(block["lexemes"]).fill_null(0),
-        "region_count": pc.list_value_length(block["regions"]).fill_null(0),
-        **{name: block[name] for name in COUNTER_COLUMNS},
-        "reject_reason": block["reject_reason"],
-        **{name: if_rejected(name) for name in ("sample_id", "image_id", "image_uri", "caption_index", "caption",
-                                                "reject_detail")},
-    })
+class Tally:
+    """The counts of `dataset.json`, kept as the caption rows stream past in `row` order: a few
+    numbers, whatever the size of the input (an image's captions are consecutive rows, so a new
+    image among the written rows is a change of `image_id`)."""
+
+    def __init__(self, rows_in: int) -> None:
+        self.rows_in, self.rows_written, self.images_written = rows_in, 0, 0
+        self.reasons: Counter = Counter()
+        self.lexemes = self.captions_without_lexemes = self.regions = 0
+        self.counters = dict.fromkeys(COUNTER_COLUMNS, 0)
+        self.last_image: str | None = None
+
+    def add(self, rows: pa.Table, accepted: pa.Table) -> None:
+        """`rows`: the next caption rows, all of them; `accepted`: those without a reject reason."""
+        self.reasons.update(r for r in rows["reject_reason"].to_pylist() if r)
+        for name in COUNTER_COLUMNS:
+            self.counters[name] += int(pc.sum(rows[name]).as_py() or 0)
+        lexeme_counts = pc.list_value_length(accepted["lexemes"]).fill_null(0).to_numpy()
+        self.rows_written += accepted.num_rows
+        self.lexemes += int(lexeme_counts.sum())
+        self.captions_without_lexemes += int((lexeme_counts == 0).sum())
+        self.regions += int(pc.sum(pc.list_value_length(accepted["regions"])).as_py() or 0)
+        for image_id in accepted["image_id"].to_pylist():
+            self.images_written += image_id != self.last_image
+            self.last_image = image_id
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "rows_in": self.rows_in, "rows_written": self.rows_written, "rows_rejected": sum(self.reasons.values()),
+            "rejected_by_reason": dict(sorted(self.reasons.items())), "images_written": self.images_written,
+            "lexemes": self.lexemes, "captions_without_lexemes": self.captions_without_lexemes,
+            "regions": self.regions, **self.counters,
+        }
 
 
-def _counts(table: pa.Table, rows_in: int) -> dict[str, Any]:
-    """`table`: the summary (`summary_stage`'s rows, every caption row)."""
-    reasons = Counter(r for r in table["reject_reason"].to_pylist() if r)
-    accepted = table.filter(pc.is_null(table["reject_reason"]))
-    lexeme_counts = accepted["lexeme_count"].to_numpy()
-    counts = {
-        "rows_in": rows_in,
-        "rows_written": accepted.num_rows,
-        "rows_rejected": sum(reasons.values()),
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "images_written": len(np.unique(accepted["image_key"].to_numpy())),
-        "lexemes": int(lexeme_counts.sum()),
-        "captions_without_lexemes": int((lexeme_counts == 0).sum()),
-        "regions": int(pc.sum(accepted["region_count"]).as_py() or 0),
-    }
-    counts.update({name: int(pc.sum(table[name]).as_py() or 0) for name in COUNTER_COLUMNS})
-    return counts
+class RejectsWriter:
+    """Rejected caption rows in, `rejects/rejects-00000.parquet` out, written as they come in row
+    groups of `REJECTS_ROW_GROUP` rows: one file however many rows are rejected, its bytes a
+    function of the rows alone, and never more than a row group of them held here."""
+
+    def __init__(self, out: str) -> None:
+        filesystem, path = resolve(join(out, REJECTS_DIR))
+        filesystem.create_dir(path, recursive=True)
+        self.file = pq.ParquetWriter(f"{path}/rejects-00000.parquet", REJECTS_SCHEMA, filesystem=filesystem)
+        self.pending: list[pa.Table] = []
+
+    def write(self, rejected: pa.Table) -> None:
+        """`rejected`: caption rows (explode_stage's and the lexeme stage's columns) with a reason."""
+        stage = ["image" if r in IMAGE_LEVEL_REASONS else "caption" for r in rejected["reject_reason"].to_pylist()]
+        self.pending.append(pa.table({
+            "sample_id": rejected["sample_id"], "image_id": rejected["image_id"], "image_uri": rejected["image_uri"],
+            "caption_index": rejected["caption_index"], "caption": rejected["caption"],
+            "stage": pa.array(stage, pa.string()), "reason": rejected["reject_reason"],
+            "detail": rejected["reject_detail"]}, schema=REJECTS_SCHEMA))
+        buffered = pa.concat_tables(self.pending)
+        while buffered.num_rows >= REJECTS_ROW_GROUP:
+            self.file.write_table(buffered.slice(0, REJECTS_ROW_GROUP).combine_chunks())
+            buffered = buffered.slice(REJECTS_ROW_GROUP)
+        self.pending = [buffered] if buffered.num_rows else []
+
+    def close(self) -> None:
+        if self.pending:
+            self.file.write_table(pa.concat_tables(self.pending).combine_chunks())
+        self.file.close()
 
 
-def _write_rejects(table: pa.Table, out: str) -> None:
-    """`table` (the summary, in `row` order) -> rejects/rejects-00000.parquet."""
-    rejected = table.filter(pc.is_valid(table["reject_reason"]))
-    stage = ["image" if r in IMAGE_LEVEL_REASONS else "caption" for r in rejected["reject_reason"].to_pylist()]
-    rejects = pa.table({
-        "sample_id": rejected["sample_id"], "image_id": rejected["image_id"], "image_uri": rejected["image_uri"],
-        "caption_index": rejected["caption_index"], "caption": rejected["caption"], "stage": pa.array(stage, pa.string()),
-        "reason": rejected["reject_reason"], "detail": rejected["reject_detail"],
-    }, schema=REJECTS_SCHEMA)
-    filesystem, path = resolve(join(out, REJECTS_DIR))
-    filesystem.create_dir(path, recursive=True)
-    pq.write_table(rejects, f"{path}/rejects-00000.parquet", filesystem=filesystem)
-
-
-def _write_shards(dataset: ray.data.Dataset, out: str, summary: pa.Table, config: PrepareConfig) -> None:
-    """The accepted rows, block by block from the materialized dataset (never all at once), in
-    `row` order -> shards of `rows_per_shard` rows, a row group per `batch_size` rows."""
-    accepted = summary.filter(pc.is_null(summary["reject_reason"]))[ROW].to_numpy()  # sorted, as the summary
-    in_order = InOrder("position")
-    writer = ShardWriter(out, config.rows_per_shard, suffix="-0", row_group_size=config.batch_size)
-    for block in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        rows = block.filter(pc.is_null(block["reject_reason"]))
-        positions = pa.array(np.searchsorted(accepted, rows[ROW].to_numpy()), pa.int64())
-        writer.write(in_order.add(rows.select(SCHEMA_V1.names).cast(SCHEMA_V1).append_column("position", positions)))
-    in_order.close(len(accepted))
-    writer.close()
+def write_prepared(blocks: Iterable[pa.Table], out: str, config: PrepareConfig, rows_in: int) -> dict[str, Any]:
+    """Prepared caption rows (with `row` and `reject_reason`), in blocks in any order -> the shards
+    (`rows_per_shard` rows, a row group per `batch_size`) and the rejects, both in `row` order, as
+    the blocks stream past; returns the counts. Only blocks behind a gap in `row` are held."""
+    in_order = InOrder(ROW)
+    shards = ShardWriter(out, config.rows_per_shard, suffix="-0", row_group_size=config.batch_size)
+    rejects, tally = RejectsWriter(out), Tally(rows_in)
+    for block in blocks:
+        rows = in_order.add(block)
+        accepted = rows.filter(pc.is_null(rows["reject_reason"]))
+        tally.add(rows, accepted)
+        shards.write(accepted.select(SCHEMA_V1.names).cast(SCHEMA_V1))
+        rejects.write(rows.filter(pc.is_valid(rows["reject_reason"])))
+    in_order.close(rows_in)  # every row came back exactly once: rows_written + rows_rejected == rows_in
+    shards.close()
+    rejects.close()
+    return tally.counts()
 
 
 def _context_length(tokenizer: str) -> int:
@@ -276,16 +302,7 @@ def prepare(source: Source, out: str, config: PrepareConfig, overwrite: bool = F
     # the order they were read (source order for a COCO folder or a manifest), so InOrder below has
     # little to hold back. The order written does not rest on it.
     dataset.context.execution_options.preserve_order = True
-    dataset = dataset.materialize()
-    summary = pa.concat_tables(
-        dataset.map_batches(summary_stage, batch_format="pyarrow", batch_size=None)
-        .iter_batches(batch_format="pyarrow", batch_size=None)).sort_by(ROW)
-    counts = _counts(summary, rows_in)
-    if counts["rows_written"] + counts["rows_rejected"] != rows_in:
-        raise RuntimeError(f"row accounting is off: {counts}")
-    if counts["rows_written"]:
-        _write_shards(dataset, out, summary, config)
-    _write_rejects(summary, out)
+    counts = write_prepared(dataset.iter_batches(batch_format="pyarrow", batch_size=None), out, config, rows_in)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "source": {"captions": source.captions, "images": source.images, "instances": source.instances,

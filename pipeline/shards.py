@@ -48,6 +48,7 @@ from .sources import (IMAGE_ROW_SCHEMA, SHARDED_MANIFEST, WEBDATASET, Source, So
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first of these it has
 BOXES_FIELD = "boxes"
 ORDER, CAPTIONS_N, FIRST_ROW = "order", "captions_n", "first_row"
+SHARED_BLOCK_BYTES = 256 * 1024  # above Ray's 100 KiB limit for results handed back inline
 # IMAGE_ROW_SCHEMA, the source's image bytes (WebDataset; null where the image is read from its
 # URI) and the position of the row's first caption.
 IMAGE_ROWS_SCHEMA = IMAGE_ROW_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field(FIRST_ROW, pa.int64()))
@@ -87,14 +88,18 @@ def _document_blocks(source: Source, proposals_uri: Optional[str], rows_per_bloc
     """A COCO folder or a single manifest is one document (captions.json, instances.json, a .jsonl):
     this Ray task parses it, so the job's process never holds it, and yields first `(caption rows,
     images, categories)`, then the image rows (IMAGE_ROWS_SCHEMA, in `first_row` order) in blocks
-    of `rows_per_block`. The blocks belong to the caller, so Ray re-runs this task if a node holding
+    of `rows_per_block` rows or more. The blocks belong to the caller, so Ray re-runs this task if a node holding
     some of them is lost."""
     table = read_image_rows(source, proposals_uri)
     counts = pc.list_value_length(table["captions"]).fill_null(0).to_numpy(zero_copy_only=False)
     table = (table.append_column("image", pa.nulls(table.num_rows, pa.binary()))
              .append_column(FIRST_ROW, pa.array(np.cumsum(counts) - counts, pa.int64())))
     yield int(counts.sum()), table.num_rows, categories(source.instances)
-    for block in table_blocks(table, rows_per_block):  # not `yield from`: Ray sends values into this generator
+    # Blocks of at least SHARED_BLOCK_BYTES: Ray hands a smaller task result to its owner inline,
+    # into the owner's own memory, so 64-row blocks of a large document would all sit in the job's
+    # process until the job ends; larger ones wait in the object store, which spills to disk.
+    rows = max(rows_per_block, -(-SHARED_BLOCK_BYTES * table.num_rows // max(table.nbytes, 1)))
+    for block in table_blocks(table, rows):  # not `yield from`: Ray sends values into this generator
         yield block
 
 

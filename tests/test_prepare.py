@@ -16,7 +16,7 @@ import pytest
 from harmoclip.config import PrepareConfig
 from harmoclip.storage import resolve
 from jobs.prepare import main as prepare_main
-from pipeline.prepare import SCHEMA_V1, DestinationError, _write_shards, prepare
+from pipeline.prepare import SCHEMA_V1, DestinationError, prepare, write_prepared
 from pipeline.sources import SourceError, find_source, read_image_rows
 from tests.coco_files import BAD_IMAGES, ODD_CAPTIONS, bad_coco, good_coco
 
@@ -181,35 +181,45 @@ def test_two_actors_give_the_same_dataset_as_one(ray_local, tmp_path, cpu_burner
     assert digests(tmp_path / "one") == digests(tmp_path / "two")
 
 
-class Blocks:
-    """Stands in for the materialized dataset: its blocks, in the order given."""
-
-    def __init__(self, blocks: list[pa.Table]) -> None:
-        self.blocks = blocks
-
-    def iter_batches(self, **_) -> list[pa.Table]:
-        return self.blocks
-
-
-def test_shards_are_written_in_source_order_whatever_order_blocks_come_back(tmp_path):
-    """The writer's order is the rows' `row` alone: blocks handed back in another order (as a
-    stream that lost its order would) write the same bytes."""
+def prepared_rows(count: int) -> pa.Table:
+    """`count` caption rows as the lexeme stage hands them on: every fourth rejected, three to an image."""
     rows = [{"row": n, "sample_id": f"s{n}", "image_id": f"{n // 3:04d}.png", "image": b"x" * n,
-             "caption": f"caption {n}", "caption_index": n % 3,
-             "reject_reason": "empty_caption" if n % 4 == 3 else None} for n in range(20)]
-    table = pa.Table.from_pylist(rows, schema=pa.schema([*SCHEMA_V1, ("reject_reason", pa.string()),
-                                                         ("row", pa.int64())]))
+             "caption": f"caption {n}", "caption_index": n % 3, "lexemes": [], "regions": [],
+             "boxes_clipped": n % 2, "boxes_dropped": 0, "lexemes_truncated": 0,
+             "reject_reason": "empty_caption" if n % 4 == 3 else None,
+             "reject_detail": "blank" if n % 4 == 3 else None} for n in range(count)]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        *SCHEMA_V1, ("boxes_clipped", pa.int32()), ("boxes_dropped", pa.int32()), ("lexemes_truncated", pa.int32()),
+        ("reject_reason", pa.string()), ("reject_detail", pa.string()), ("row", pa.int64())]))
+    return table
+
+
+def test_shards_and_rejects_are_written_in_source_order_whatever_order_blocks_come_back(tmp_path):
+    """What is written is a function of the rows' `row` alone: blocks streamed in another order (as
+    a stream that lost its order would) write the same bytes, shards and rejects alike, and the
+    counts are the same."""
+    table = prepared_rows(20)
     blocks = [table.slice(start, 4) for start in range(0, 20, 4)]
-    summary = table.select(["row", "reject_reason"])
     config = PrepareConfig(rows_per_shard=6, batch_size=4)
     orders = {"in_order": blocks, "reversed": blocks[::-1], "shuffled": [blocks[i] for i in (2, 0, 4, 1, 3)]}
-    for name, order in orders.items():
-        _write_shards(Blocks(order), str(tmp_path / name), summary, config)
+    counts = {name: write_prepared(order, str(tmp_path / name), config, rows_in=20) for name, order in orders.items()}
     assert digests(tmp_path / "reversed") == digests(tmp_path / "shuffled") == digests(tmp_path / "in_order")
+    assert counts["reversed"] == counts["shuffled"] == counts["in_order"]
+    assert counts["in_order"]["rows_written"] == 15 and counts["in_order"]["images_written"] == 7
+    assert counts["in_order"]["rejected_by_reason"] == {"empty_caption": 5} and counts["in_order"]["boxes_clipped"] == 10
     written = read_rows(str(tmp_path / "in_order"))
     assert [r["sample_id"] for r in written] == [f"s{n}" for n in range(20) if n % 4 != 3]
     shards = [tmp_path / "in_order" / f"part-0000{i}-0.parquet" for i in range(3)]
     assert [pq.read_metadata(shard).num_rows for shard in shards] == [6, 6, 3]
+    rejects = pq.read_table(tmp_path / "in_order" / "rejects" / "rejects-00000.parquet").to_pylist()
+    assert [(r["sample_id"], r["stage"], r["reason"]) for r in rejects] == [
+        (f"s{n}", "caption", "empty_caption") for n in (3, 7, 11, 15, 19)]
+
+
+def test_a_missing_row_fails_instead_of_writing_a_short_dataset(tmp_path):
+    table = prepared_rows(20)
+    with pytest.raises(RuntimeError, match="2 of 20 rows came back in order, 17 held behind a gap"):
+        write_prepared([table.slice(0, 2), table.slice(3)], str(tmp_path / "out"), PrepareConfig(), rows_in=20)
 
 
 def test_round_trip_through_s3(ray_local, bucket, tmp_path):
