@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,6 +20,10 @@ VERBOSE_ENV = "HARMOCLIP_VERBOSE"
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow")
 # Where Ray's State API clients (Ray Train's controller among them) find the dashboard.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# torch deprecates the autograd all_gather that open_clip's ClipLoss (and our gather, which must
+# match it bit for bit) call every step. Python shows a warning once per place, but Ray resets that
+# record whenever it touches the warning filters, so a 12-step run printed it 21 times.
+DEPRECATED_GATHER = r"torch\.distributed\.nn\.functional\.all_gather is deprecated"
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +49,13 @@ def log_level() -> int:
 def quiet_libraries(level: int | None = None) -> None:
     """Hold Ray's libraries (and, in a worker, open_clip's root-logger INFO lines) at `level`.
 
-    Called in the driver and at the start of every worker loop we own. Warnings and errors pass.
+    Called in the driver and at the start of every worker loop we own. Warnings and errors pass,
+    except torch's deprecation of the all_gather we share with open_clip (DEPRECATED_GATHER).
     """
     level = log_level() if level is None else level
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=DEPRECATED_GATHER, category=FutureWarning)
 
 
 def init_ray() -> None:
