@@ -343,7 +343,38 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
                        max(total_steps, train.schedule_steps or 0), train.mlflow_uri or default_tracking_uri(out),
                        parent_run_id, log_level())
     write_bytes(join(out, RUN_RECORD), json.dumps(run_record(data, model, method, train), indent=2).encode())
+    result = finished_result(out, total_steps)
+    if result:
+        print(f"{out} holds a finished run (step {total_steps}): nothing left to train", flush=True)
+    else:
+        result = _fit(run_spec)
+    _copy_final(result.checkpoint.path, result.checkpoint.filesystem, out)
+    weights_fs, weights_path = resolve(join(out, WEIGHTS_FILENAME))
+    with weights_fs.open_input_stream(weights_path) as stream:
+        write_safetensors(torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)["state_dict"],
+                          out)
+    write_model_card(out, data, model, method, train, result.metrics["step"], result.metrics)
+    return {**result.metrics, "checkpoint": join(out, WEIGHTS_FILENAME), "tracking_uri": run_spec.tracking_uri}
+
+
+def finished_result(out: str, total_steps: int) -> ray.train.Result | None:
+    """The result of the run in `out` when its latest checkpoint is already at `total_steps`, read
+    back from Ray Train's own record of the run; None for a new or unfinished run.
+
+    The same command on a finished run then returns at once instead of starting a controller and
+    workers (about 20 s on a laptop) only for them to restore the last checkpoint and stop."""
     storage_path, name, filesystem = run_storage(out)
+    try:
+        result = ray.train.Result.from_path(join(storage_path, name), storage_filesystem=filesystem)
+    except RuntimeError:  # no run there yet, or none that reached a checkpoint
+        return None
+    return result if result.checkpoint and (result.metrics or {}).get("step") == total_steps else None
+
+
+def _fit(run_spec: RunSpec) -> ray.train.Result:
+    """Train (or go on from the run's last checkpoint) with Ray Train."""
+    train = run_spec.train
+    storage_path, name, filesystem = run_storage(run_spec.out)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": run_spec},
@@ -354,14 +385,7 @@ def run(data: str, out: str, model: ModelConfig, method: MethodConfig, train: Tr
                              logging_config=LoggingConfig(log_level=logging.getLevelName(log_level())),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
-    _copy_final(result.checkpoint.path, result.checkpoint.filesystem, out)
-    weights_fs, weights_path = resolve(join(out, WEIGHTS_FILENAME))
-    with weights_fs.open_input_stream(weights_path) as stream:
-        write_safetensors(torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)["state_dict"],
-                          out)
-    write_model_card(out, data, model, method, train, result.metrics["step"], result.metrics)
-    return {**result.metrics, "checkpoint": join(out, WEIGHTS_FILENAME), "tracking_uri": run_spec.tracking_uri}
+    return trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -245,14 +245,15 @@ def _trial_progress(bucket: str, sweep: str) -> tuple[int, list[str]]:
 def test_sweep_on_s3_is_stopped_midway_and_resumes_when_submitted_again(client, data, tmp_path):
     bucket = data["bucket"]
     sweep = f"python -m jobs.tune --data s3://{bucket}/prepared --val-data s3://{bucket}/raw/val --model harmo-micro " \
-            f"--grid-lrc 0 1 --grid-gr 0 --scheduler none --steps 60 --batch-size 4 --checkpoint-every 10 " \
-            f"--log-every 10 --mlflow-uri sqlite:///{tmp_path}/sweep.db"
+            f"--grid-lrc 0 1 --grid-gr 0 --scheduler none --steps 20 --batch-size 4 --checkpoint-every 5 " \
+            f"--log-every 5 --max-concurrent 1 --mlflow-uri sqlite:///{tmp_path}/sweep.db"
 
     # A local --out on two nodes is refused before anything runs, saying what to pass instead.
     logs = _run_job(client, f"{sweep} --out {tmp_path}/local-sweep", expect=JobStatus.FAILED)
     assert "this Ray cluster has 2 nodes" in logs and "s3://" in logs and not (tmp_path / "local-sweep").exists()
 
     # One trial finished (and recorded so in the sweep's state on S3), the other part-way: stop.
+    # (One trial at a time: the second is part-way from its first checkpoint to its last.)
     job = _submit(client, f"{sweep} --out s3://{bucket}/sweeps/s1")
     deadline = time.monotonic() + 300
     while (progress := _trial_progress(bucket, "sweeps/s1")) != (1, progress[1]) or not progress[1]:
@@ -283,7 +284,7 @@ def test_sweep_on_s3_is_stopped_midway_and_resumes_when_submitted_again(client, 
         evaluated = mlflow.get_metric_history(run.info.run_id, "val_harmony")
         steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
         assert len(evaluated) == 1  # the finished trial was kept, not trained or evaluated again
-        assert steps.count(10) == 1 and max(steps) == 60, (trial, steps)  # the stopped one went on from a checkpoint
+        assert steps.count(5) == 1 and max(steps) == 20, (trial, steps)  # the stopped one went on from a checkpoint
 
 
 # -- a lost node -----------------------------------------------------------------------------------

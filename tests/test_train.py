@@ -72,12 +72,13 @@ def test_same_seed_gives_identical_losses_even_under_load(prepared, clean_run, t
 # A worker lost mid-run (its whole node, in fact) and the run restored from its last checkpoint to
 # the uninterrupted run's weights: tests/test_cluster.py (node loss) and tests/test_s3_faults.py.
 
-def test_the_same_command_on_a_finished_run_trains_nothing(prepared, clean_run):
+def test_the_same_command_on_a_finished_run_trains_nothing(prepared, clean_run, capsys):
     out = Path(clean_run["checkpoint"]).parent
     final = out / "checkpoint_000012" / "open_clip_weights.pt"
     written = (sorted(p.name for p in out.glob("checkpoint_*")), final.stat().st_mtime_ns)
     again = train(prepared, out)  # nothing left to do: the same final checkpoint
-    assert again["step"] == 12
+    assert again["step"] == 12 and again["loss"] == clean_run["loss"]
+    assert f"{out} holds a finished run (step 12): nothing left to train" in capsys.readouterr().out
     assert (sorted(p.name for p in out.glob("checkpoint_*")), final.stat().st_mtime_ns) == written  # not retrained
     reference = _weights(clean_run)
     assert all(torch.equal(tensor, reference[name]) for name, tensor in _weights(again).items())
