@@ -4,13 +4,14 @@ captions, and the two streams that run them.
 An actor loads the model once and is fed by CPU decode tasks (pipeline.inference_data), so with
 `--gpu` the GPU only runs the model while decoding scales over the cluster's CPUs. Embeddings
 leave the actors as Arrow fixed-size lists: consumers read them as (rows, dim) arrays without a
-Python list per number.
+Python list per number. A set of a few images can skip the actors: the `*_in_process` twins run
+the same calls on the same batches in the calling process.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import open_clip
@@ -173,21 +174,42 @@ def _threads(config: InferenceConfig) -> int:
     return max(1, len(os.sched_getaffinity(0)) // actor_pool_size(config.actors, config.gpu)[0])
 
 
+def _image_stage(model: ModelConfig, config: InferenceConfig, regions: Optional[PrepareConfig], crops: bool,
+                 dtype: str) -> tuple[dict, dict]:
+    """(decode_stage keyword arguments, ImageEmbedder constructor arguments): one home for both
+    ways of running the image stage."""
+    return ({"image_size": model_shape(model)[0], "regions": regions, "crops": crops},
+            {"model": model, "regions": regions is not None, "crops": crops, "dtype": dtype,
+             "threads": _threads(config)})
+
+
 def image_embeddings(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
                      regions: Optional[PrepareConfig] = None, crops: bool = False, dtype: str = "float32",
                      embedder: type = ImageEmbedder) -> ray.data.Dataset:
     """Lazy stream, one row per input image in input order: ids, size, boxes, `image_embedding`
     and, with `regions`, `region_embeddings` (and `crop_embeddings` with `crops`); rejected
     images keep their row with null embeddings and a reject reason."""
+    decode, construct = _image_stage(model, config, regions, crops, dtype)
     dataset = (data.images
-               .map_batches(decode_stage, batch_format="pyarrow", batch_size=config.batch_size,
-                            fn_kwargs={"image_size": model_shape(model)[0], "regions": regions, "crops": crops})
+               .map_batches(decode_stage, batch_format="pyarrow", batch_size=config.batch_size, fn_kwargs=decode)
                .map_batches(embedder, batch_format="pyarrow", batch_size=config.batch_size,
-                            fn_constructor_kwargs={"model": model, "regions": regions is not None, "crops": crops,
-                                                   "dtype": dtype, "threads": _threads(config)},
-                            **_actor_pool(config)))
+                            fn_constructor_kwargs=construct, **_actor_pool(config)))
     dataset.context.execution_options.preserve_order = True
     return dataset
+
+
+def image_embeddings_in_process(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
+                                regions: Optional[PrepareConfig] = None, crops: bool = False,
+                                dtype: str = "float32", embedder: type = ImageEmbedder) -> Iterator[pa.Table]:
+    """image_embeddings' batches computed in this process: the same decode and model calls on the
+    same batches (consecutive `config.batch_size` rows in input order), without a model actor.
+    For a set so small that starting an actor (a process that imports torch and loads the model)
+    costs more than embedding it. Leaves this process's torch threads as they are."""
+    decode, construct = _image_stage(model, config, regions, crops, dtype)
+    run = embedder(**{**construct, "threads": torch.get_num_threads()})
+    data.images.context.execution_options.preserve_order = True
+    for batch in data.images.iter_batches(batch_format="pyarrow", batch_size=config.batch_size):
+        yield run(decode_stage(batch, **decode))
 
 
 def caption_embeddings(captions: pa.Table, model: ModelConfig, config: InferenceConfig, dtype: str = "float32",
@@ -199,3 +221,11 @@ def caption_embeddings(captions: pa.Table, model: ModelConfig, config: Inference
     dataset.context.execution_options.preserve_order = True
     return dataset
 
+
+
+def caption_embeddings_in_process(captions: pa.Table, model: ModelConfig, config: InferenceConfig,
+                                  dtype: str = "float32", embedder: type = TextEmbedder) -> Iterator[pa.Table]:
+    """caption_embeddings' batches computed in this process (see image_embeddings_in_process)."""
+    run = embedder(model=model, dtype=dtype, threads=torch.get_num_threads())
+    for start in range(0, captions.num_rows, config.batch_size):
+        yield run(captions.slice(start, config.batch_size))

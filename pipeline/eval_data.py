@@ -1,7 +1,8 @@
 """The embeddings an evaluation needs, gathered from the Ray Data inference streams as arrays.
 
 Images stream through decode tasks and a model actor pool (pipeline.embedders); only their
-embeddings come back to the driver, as (rows, dim) arrays. Captions are matched to their image by
+embeddings come back to the driver, as (rows, dim) arrays. A set of fewer than IN_PROCESS_BELOW
+images is embedded in the driver by the same code instead. Captions are matched to their image by
 id, not by position, so no ordering of the streams can misalign them.
 """
 
@@ -19,9 +20,15 @@ from harmoclip import ModelConfig
 from harmoclip.config import InferenceConfig, PrepareConfig
 
 from .dataset import DatasetError
-from .embedders import ImageEmbedder, TextEmbedder, caption_embeddings, image_embeddings, to_numpy
+from .embedders import (ImageEmbedder, TextEmbedder, caption_embeddings, caption_embeddings_in_process,
+                         image_embeddings, image_embeddings_in_process, to_numpy)
 from .inference_data import InferenceInput
 from .progress import Progress
+
+# Sets of fewer images are embedded in the job's own process (when no --gpu or --actors asks for
+# actors): two model actors (images, captions) cost a few seconds each to start, more than such a
+# set's work, and a sweep evaluates every rung of every trial. Same calls on the same batches.
+IN_PROCESS_BELOW = 64
 
 
 @dataclass
@@ -36,15 +43,24 @@ class Embeddings:
 
 
 def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
-           image_embedder: type = ImageEmbedder, text_embedder: type = TextEmbedder) -> Embeddings:
+           image_embedder: type = ImageEmbedder, text_embedder: type = TextEmbedder,
+           in_process_below: int = IN_PROCESS_BELOW) -> Embeddings:
     """Every image's global embedding, every ground-truth box's region (and crop) embedding and
     every caption's embedding. Rejected images and empty captions are left out and counted; so
-    are the captions of a left-out image."""
+    are the captions of a left-out image. Through Ray Data's model actors, or in this process for
+    fewer than `in_process_below` images on CPU with no --actors (the same numbers, bit for bit)."""
+    in_process = data.num_images < in_process_below and not config.gpu and config.actors is None
+    if in_process:
+        print(f"{data.num_images} images: embedding them in this process (model actors from "
+              f"{in_process_below} images, or with --actors/--gpu)", flush=True)
     skipped: Counter = Counter()
     image_ids, images, regions, crops, labels = [], [], [], [], []
     progress = Progress("images embedded", data.num_images)
-    for batch in image_embeddings(data, model, config, regions=PrepareConfig(regions="gt"), crops=True,
-                                  embedder=image_embedder).iter_batches(batch_format="pyarrow", batch_size=None):
+    stream = (image_embeddings_in_process(data, model, config, regions=PrepareConfig(regions="gt"), crops=True,
+                                          embedder=image_embedder) if in_process else
+              image_embeddings(data, model, config, regions=PrepareConfig(regions="gt"), crops=True,
+                               embedder=image_embedder).iter_batches(batch_format="pyarrow", batch_size=None))
+    for batch in stream:
         progress.add(batch.num_rows)
         skipped.update(r for r in batch["reject_reason"].to_pylist() if r)
         batch = batch.filter(pc.is_null(batch["reject_reason"]))
@@ -65,8 +81,10 @@ def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
     captions = captions.filter(kept)
     texts, text_to_image = [], []
     progress = Progress("captions embedded", captions.num_rows)
-    for batch in caption_embeddings(captions, model, config, embedder=text_embedder).iter_batches(
-            batch_format="pyarrow", batch_size=None):
+    caption_stream = (caption_embeddings_in_process(captions, model, config, embedder=text_embedder) if in_process
+                      else caption_embeddings(captions, model, config, embedder=text_embedder).iter_batches(
+                          batch_format="pyarrow", batch_size=None))
+    for batch in caption_stream:
         progress.add(batch.num_rows)
         texts.append(to_numpy(batch["caption_embedding"]))
         text_to_image += [index_of[image_id] for image_id in batch["image_id"].to_pylist()]

@@ -116,10 +116,11 @@ def _numbered_coco(root) -> None:
                                                      "categories": [{"id": 1, "name": "patch"}]}))
 
 
-def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path):
+@pytest.mark.parametrize("in_process_below", [0, 64], ids=["ray_data_actors", "in_process"])
+def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path, in_process_below):
     """An embedder that maps picture n and each of its captions to the same one-hot vector must
     score R@1 = 1 both ways: anything that misaligns captions, images or ids in the Ray Data path
-    (order, rejected rows, batching) breaks it."""
+    (order, rejected rows, batching), or in the in-process path of a small set, breaks it."""
     _numbered_coco(tmp_path / "numbered")
     dim = model_shape(ModelConfig(name="harmo-micro"))[1]
 
@@ -136,13 +137,23 @@ def test_oracle_embedder_gets_every_image_and_caption_right(ray_local, tmp_path)
     global_context = DataContext.get_current().execution_options.preserve_order
     inputs = read_inference_input(str(tmp_path / "numbered"), batch_size=4)
     embeddings = gather(inputs, ModelConfig(name="harmo-micro"), InferenceConfig(batch_size=4),
-                        image_embedder=OracleImages, text_embedder=OracleTexts)
+                        image_embedder=OracleImages, text_embedder=OracleTexts, in_process_below=in_process_below)
     recall = retrieval_recall(embeddings.images, embeddings.texts, embeddings.text_to_image)
     assert recall["i2t"]["r1"] == 1.0 and recall["t2i"]["r1"] == 1.0
     assert embeddings.images.shape[0] == 11 and embeddings.texts.shape[0] == 22
     assert embeddings.skipped == {"image_rejected": 2, "corrupt_image": 1, "empty_caption": 1}
     assert embeddings.regions.shape == (11, dim) and embeddings.labels.tolist() == [1] * 11
     assert DataContext.get_current().execution_options.preserve_order == global_context
+
+
+def test_a_small_set_embedded_in_process_equals_the_actors_bit_for_bit(ray_local, weights, coco):
+    model = ModelConfig(name="harmo-micro", pretrained=weights)
+    inputs = read_inference_input(str(coco), batch_size=5)  # 12 images: batches of 5, 5 and 2
+    by_actors, in_process = (gather(inputs, model, InferenceConfig(batch_size=5), in_process_below=below)
+                             for below in (0, 64))
+    for name in ("images", "texts", "text_to_image", "regions", "crops", "labels"):
+        assert torch.equal(getattr(in_process, name), getattr(by_actors, name)), name
+    assert in_process.skipped == by_actors.skipped
 
 
 def test_a_set_without_one_readable_image_is_refused_with_the_reasons(ray_local, weights, tmp_path, capsys):
