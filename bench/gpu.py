@@ -53,7 +53,10 @@ class Sizes:
 FULL = Sizes(model="ViT-B-16", step_batch=128, step_warmup=3, step_steps=10, train_images=2048, train_steps=40,
              train_batch=128, eval_images=(256, 1024), eval_side=480, eval_batch=128, eval_repeats=3)
 DRY = Sizes(model="harmo-micro", step_batch=4, step_warmup=1, step_steps=1, train_images=12, train_steps=3,
-            train_batch=4, eval_images=(4, 96), eval_side=48, eval_batch=4, eval_repeats=2)
+            train_batch=4, eval_images=(4, 400), eval_side=48, eval_batch=4, eval_repeats=1)
+# The dry run times one bench.evaluate pair far apart (about 9 s of work between them on 2 cores)
+# rather than three pairs 92 images apart: each run starts a model actor, and that start-up's
+# noise (a second or two) swamped a 2 s difference, twice in a row in one run of 2026-12-03.
 # What a measured figure can possibly be: a rate is > 0, a ratio of two such rates is within a factor
 # of 100 of 1, a loss is finite. A figure outside fails its row (the script then exits 1), so a
 # broken measurement never reads as a result. (A factor of 20 was too tight: on the dry run's

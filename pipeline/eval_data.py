@@ -48,7 +48,8 @@ def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
     """Every image's global embedding, every ground-truth box's region (and crop) embedding and
     every caption's embedding. Rejected images and empty captions are left out and counted; so
     are the captions of a left-out image. Through Ray Data's model actors, or in this process for
-    fewer than `in_process_below` images on CPU with no --actors (the same numbers, bit for bit)."""
+    fewer than `in_process_below` images on CPU with no --actors (the same numbers, bit for bit, at
+    the same torch thread count)."""
     in_process = data.num_images < in_process_below and not config.gpu and config.actors is None
     if in_process:
         print(f"{data.num_images} images: embedding them in this process (model actors from "
