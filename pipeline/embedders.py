@@ -222,7 +222,6 @@ def caption_embeddings(captions: pa.Table, model: ModelConfig, config: Inference
     return dataset
 
 
-
 def caption_embeddings_in_process(captions: pa.Table, model: ModelConfig, config: InferenceConfig,
                                   dtype: str = "float32", embedder: type = TextEmbedder) -> Iterator[pa.Table]:
     """caption_embeddings' batches computed in this process (see image_embeddings_in_process)."""

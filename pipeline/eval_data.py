@@ -57,10 +57,10 @@ def gather(data: InferenceInput, model: ModelConfig, config: InferenceConfig,
     skipped: Counter = Counter()
     image_ids, images, regions, crops, labels = [], [], [], [], []
     progress = Progress("images embedded", data.num_images)
-    stream = (image_embeddings_in_process(data, model, config, regions=PrepareConfig(regions="gt"), crops=True,
-                                          embedder=image_embedder) if in_process else
-              image_embeddings(data, model, config, regions=PrepareConfig(regions="gt"), crops=True,
-                               embedder=image_embedder).iter_batches(batch_format="pyarrow", batch_size=None))
+    image_stage = {"regions": PrepareConfig(regions="gt"), "crops": True, "embedder": image_embedder}
+    stream = (image_embeddings_in_process(data, model, config, **image_stage) if in_process else
+              image_embeddings(data, model, config, **image_stage).iter_batches(batch_format="pyarrow",
+                                                                                batch_size=None))
     for batch in stream:
         progress.add(batch.num_rows)
         skipped.update(r for r in batch["reject_reason"].to_pylist() if r)
