@@ -181,6 +181,9 @@ def train_worker(config: dict[str, RunSpec]) -> None:
         if rank == 0 and (step >= next_progress or final):
             next_progress = step + progress_every
             progress.info(progress_line(metrics, spec.total_steps))
+        # Ray Train hears of checkpoints only (per-step metrics go to MLflow above): its controller
+        # takes one report per worker every 2 s and a worker's next report waits for that, so a
+        # report every step would hold training to one step per 2 s.
         if step % train.checkpoint_every == 0 or final:
             checkpoint = None
             if rank == 0:  # written now, uploaded (and then deleted) by Ray Train, maybe in the background
@@ -192,8 +195,6 @@ def train_worker(config: dict[str, RunSpec]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:06d}",
                              checkpoint_upload_fn=_upload_checkpoint, delete_local_checkpoint_after_upload=True,
                              checkpoint_upload_mode=UPLOAD_MODES[train.checkpoint_upload])
-        else:
-            ray.train.report(metrics)
     if tracker:
         tracker.finish()
 

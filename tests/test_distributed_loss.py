@@ -46,29 +46,61 @@ def run_loss(outputs: dict[str, torch.Tensor], method: MethodConfig) -> tuple[di
     return values, {k: leaves[k].grad for k in FEATURE_KEYS}
 
 
-def _worker(rank: int, world_size: int, init_file: str, result_file: str, method: MethodConfig) -> None:
+# Both readings of LRC and region-based GR; lexeme -> image LRC alone is the case where a
+# region feature's gradient arrives permuted (see harmoclip.distributed._ContiguousGradient).
+METHODS = {"both_ways_gr": MethodConfig(lambda_lrc=0.7, lambda_gr=1.3, gr_mode="contrastive", lrc_region_to_lexeme=True),
+           "lexeme_to_image": MethodConfig(lambda_lrc=0.7, lambda_gr=0.0, lrc_region_to_lexeme=False)}
+
+
+def _half(outputs: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    half = outputs["image_features"].shape[0] // world_size
+    return {k: (v if k == "logit_scale" else v[rank * half:(rank + 1) * half]) for k, v in outputs.items()}
+
+
+def _clip_losses(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GC on this rank's half, with unique image ids, next to open_clip's own distributed ClipLoss
+    on the same half (both gather the other rank's features)."""
+    local = _half(make_outputs(), rank, world_size)
+    image, text, half = local["image_features"], local["text_features"], local["image_features"].shape[0]
+    ours = HarmoCLIPLoss(MethodConfig(lambda_lrc=0.0, lambda_gr=0.0))(
+        {"image_features": image, "text_features": text, "logit_scale": local["logit_scale"],
+         "image_ids": torch.arange(rank * half, (rank + 1) * half)})["gc"]
+    theirs = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world_size)(
+        image, text, local["logit_scale"])
+    return ours.detach(), theirs.detach()
+
+
+def _worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    """Every two-process case of this file in one process group (each start of a pair of processes
+    that import torch costs seconds): each method's losses and feature gradients on this rank's
+    half, GC next to open_clip's ClipLoss, and STEPS optimizer steps under DDP."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        outputs = make_outputs()
-        half = outputs["image_features"].shape[0] // world_size
-        local = {k: (v if k == "logit_scale" else v[rank * half:(rank + 1) * half]) for k, v in outputs.items()}
-        torch.save(run_loss(local, method), f"{result_file}.{rank}")
+        torch.set_num_threads(1)
+        results = {name: run_loss(_half(make_outputs(), rank, world_size), method) for name, method in METHODS.items()}
+        results["clip_loss"] = _clip_losses(rank, world_size)
+        results["params"] = _train_steps(world_size, rank)
+        torch.save(results, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-# Both readings of LRC and region-based GR; lexeme -> image LRC alone is the case where a
-# region feature's gradient arrives permuted (see harmoclip.distributed._ContiguousGradient).
-@pytest.mark.parametrize("method", [
-    MethodConfig(lambda_lrc=0.7, lambda_gr=1.3, gr_mode="contrastive", lrc_region_to_lexeme=True),
-    MethodConfig(lambda_lrc=0.7, lambda_gr=0.0, lrc_region_to_lexeme=False)], ids=["both_ways_gr", "lexeme_to_image"])
-def test_two_gloo_workers_match_one_process(tmp_path, method):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """What each of two gloo processes computed (`_worker`), rank 0 first."""
+    tmp = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(2, str(tmp / "init"), str(tmp / "result")), nprocs=2, join=True)
+    return [torch.load(tmp / f"result.{rank}") for rank in range(2)]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_two_gloo_workers_match_one_process(two_ranks, name):
+    method = METHODS[name]
     unmasked, _ = run_loss({**make_outputs(), "image_ids": torch.arange(8)}, method)
     single_values, single_grads = run_loss(make_outputs(), method)
     assert abs(unmasked["gc"] - single_values["gc"]) > 1e-3  # the sibling rows matter to the loss
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "result"), method), nprocs=2, join=True)
-    for rank in range(2):
-        values, grads = torch.load(tmp_path / f"result.{rank}")
+    for rank, results in enumerate(two_ranks):
+        values, grads = results[name]
         for key in ("loss", "gc", "lrc", "gr", "lrc_lexemes", "gr_images"):
             if key not in single_values:
                 continue
@@ -81,28 +113,9 @@ def test_two_gloo_workers_match_one_process(tmp_path, method):
             assert torch.allclose(grads[key] / 2, expected, atol=1e-6), (rank, key)
 
 
-def _clip_loss_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
-    """GC on this rank's half, with unique image ids, next to open_clip's own distributed ClipLoss
-    on the same half (both gather the other rank's features)."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        outputs = make_outputs()
-        half = outputs["image_features"].shape[0] // world_size
-        image, text = (outputs[k][rank * half:(rank + 1) * half] for k in ("image_features", "text_features"))
-        ours = HarmoCLIPLoss(MethodConfig(lambda_lrc=0.0, lambda_gr=0.0))(
-            {"image_features": image, "text_features": text, "logit_scale": outputs["logit_scale"],
-             "image_ids": torch.arange(rank * half, (rank + 1) * half)})["gc"]
-        theirs = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank, world_size=world_size)(
-            image, text, outputs["logit_scale"])
-        torch.save((ours.detach(), theirs.detach()), f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_gloo_workers_with_unique_ids_give_open_clips_clip_loss_bit_for_bit(tmp_path):
-    mp.spawn(_clip_loss_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2, join=True)
-    for rank in range(2):
-        ours, theirs = torch.load(tmp_path / f"result.{rank}")
+def test_two_gloo_workers_with_unique_ids_give_open_clips_clip_loss_bit_for_bit(two_ranks):
+    for rank, results in enumerate(two_ranks):
+        ours, theirs = results["clip_loss"]
         assert torch.equal(ours, theirs), (rank, ours.item(), theirs.item())
 
 
@@ -127,22 +140,11 @@ def _train_steps(world_size: int, rank: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _step_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
-        torch.save(_train_steps(world_size, rank), f"{result_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_two_workers_reach_the_parameters_of_one_on_the_same_global_batches(tmp_path):
+def test_two_workers_reach_the_parameters_of_one_on_the_same_global_batches(two_ranks):
     single = _train_steps(1, 0)
-    mp.spawn(_step_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "params")), nprocs=2, join=True)
     torch.manual_seed(0)
     initial = HarmoCLIP(create_clip(ModelConfig(name="harmo-micro"))).state_dict()
-    for rank in range(2):
-        params = torch.load(tmp_path / f"params.{rank}")
-        for name, value in params.items():
+    for rank, results in enumerate(two_ranks):
+        for name, value in results["params"].items():
             assert torch.allclose(value, single[name], rtol=1e-4, atol=1e-5), (rank, name)
     assert any(not torch.equal(single[name], initial[name]) for name in single)  # training moved them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,37 +85,41 @@ def test_the_same_command_on_a_finished_run_trains_nothing(prepared, clean_run, 
     assert all(torch.equal(tensor, reference[name]) for name, tensor in _weights(again).items())
 
 
-def test_nan_loss_fails_naming_the_step_and_keeps_the_checkpoint(prepared, tmp_path):
-    out = tmp_path / "nan"
-    with pytest.raises(TrainingFailedError, match="loss is nan at step 7"):
-        train(prepared, out, inject_nan_at_step=7, max_failures=0)
-    assert (out / "checkpoint_000004" / "open_clip_weights.pt").exists()
-    register_tiny_configs()
-    open_clip.create_model("harmo-micro", pretrained=str(out / "checkpoint_000004" / "open_clip_weights.pt"))
-
-
 def _recorded(args) -> dict:
     """The run record a parsed command line would write."""
     return train_job.run_record(args.data, model_from_args(args), method_from_args(args),
                                 config_from_args(args, TrainConfig))
 
 
-def test_a_rerun_under_other_settings_needs_resume_and_a_record_replays(prepared, tmp_path, capsys):
+def test_a_nan_run_keeps_its_checkpoint_and_goes_on_under_other_settings_only_with_resume(prepared, tmp_path,
+                                                                                        capsys):
+    """What a user does after a NaN: the run stops naming the step and keeps its last checkpoint;
+    the same folder with a lower --lr is refused unless --resume, which goes on from that
+    checkpoint; the recorded settings replay the run (one run folder for all of it: each Ray Train
+    run costs a controller and workers)."""
     out = tmp_path / "run"
-    argv = ["--data", prepared, "--out", str(out), "--model", "harmo-micro", "--method", "gc_only", "--steps", "2",
+    argv = ["--data", prepared, "--out", str(out), "--model", "harmo-micro", "--method", "gc_only", "--steps", "4",
             "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "1", "--warmup-steps", "0"]
-    assert train_job.main(argv)["step"] == 2
+    with pytest.raises(TrainingFailedError, match="loss is nan at step 3"):
+        train_job.main([*argv, "--inject-nan-at-step", "3", "--max-failures", "0"])
+    assert sorted(p.name for p in out.glob("checkpoint_0*")) == ["checkpoint_000002"]
+    register_tiny_configs()
+    open_clip.create_model("harmo-micro", pretrained=str(out / "checkpoint_000002" / "open_clip_weights.pt"))
     record = json.loads((out / "config.json").read_text())
-    assert record == _recorded(train_job.parse_command_line(argv)) and record["data"] == prepared
+    assert record == _recorded(train_job.parse_command_line([*argv, "--inject-nan-at-step", "3", "--max-failures",
+                                                            "0"])) and record["data"] == prepared
 
     with pytest.raises(SystemExit) as refused:  # before Ray is asked for anything
         train_job.main([*argv, "--lr", "1e-3"])
     assert refused.value.code == 2
-    assert "train.lr: 0.0005 -> 0.001" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train.lr: 0.0005 -> 0.001" in err and "inject_nan" not in err  # test-only settings are not compared
     assert json.loads((out / "config.json").read_text()) == record  # the run is untouched
 
-    resumed = train_job.main([*argv, "--lr", "1e-3", "--steps", "3", "--resume"])  # continues from step 2
-    assert resumed["step"] == 3
+    resumed = train_job.main([*argv, "--lr", "1e-3", "--steps", "3", "--resume"])  # goes on from step 2
+    assert resumed["step"] == 3 and math.isfinite(resumed["loss"])  # step 3 again, finite this time
+    # One MLflow run for the folder: steps 1-2, then only step 3 (from the checkpoint, not from 0).
+    assert [step for step, _ in _history(resumed["tracking_uri"], "loss")] == [1, 2, 3]
     record = json.loads((out / "config.json").read_text())
     assert (record["train"]["lr"], record["train"]["steps"]) == (1e-3, 3)
 
