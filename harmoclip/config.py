@@ -321,7 +321,7 @@ class TrainConfig:
     checkpoint_upload: Literal["async", "sync"] = _help(
         "async: training goes on while the checkpoint is uploaded in the background (an upload that "
         "fails still fails the worker); sync: the step waits for the upload.", default="async")
-    log_every: int = _help("Report metrics to Ray Train and MLflow every this many steps.", default=10)
+    log_every: int = _help("Log metrics to MLflow every this many steps.", default=10)
     seed: int = _help("Random seed of the initial weights, of each epoch's caption choice and of data order.",
                       default=0)
     workers: int = _help("Ray Train workers (one process each; gloo on CPU, nccl on GPU).", default=1)
