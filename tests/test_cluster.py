@@ -70,6 +70,9 @@ class TwoNodeCluster:
         self.env.pop("RAY_ADDRESS", None)
         self.port, dashboard = free_port(), free_port()
         self.address = f"http://127.0.0.1:{dashboard}"
+        # Ray's State API clients (Ray Train's controller among them) ask this cluster's dashboard,
+        # rather than looking for "the" Ray on a machine that runs the test session's own Ray too.
+        self.env["RAY_API_SERVER_ADDRESS"] = self.address
         self.worker_port = 0
         # Each node's job agent gets its own free port: the default (52365) may be held by another
         # Ray on this machine, and then the head accepts no jobs ("No available agent").
