@@ -7,7 +7,7 @@
    CPUs the cluster leaves for the feed.
 4. bench.evaluate on the GPU: the Ray Data embedding stage vs the in-process forward (target >= 0.8).
 
-`--dry-run` runs the same four steps on the CPU with tiny sizes (under a minute on 2 cores), so
+`--dry-run` runs the same four steps on the CPU with tiny sizes (about two minutes on 2 cores), so
 the script is exercised by the test suite and cannot rot between GPU sessions. The table is
 printed and, when $OUT is set, written to $OUT/gpu.md.
 """

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_prints_and_writes_one_table_of_possible_figures(tmp_path):
     # The interpreter running the tests, not the script's default .venv/bin/python.
     result = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=300)
+                            env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=480)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     written = (tmp_path / "gpu.md").read_text()
     assert written.strip() in result.stdout
