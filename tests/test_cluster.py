@@ -340,8 +340,8 @@ def test_node_loss_during_train_restores_the_last_checkpoint_and_ends_equal(clus
     _stop_worker_node_once(cluster, client, job, first_checkpoint_complete)
     assert _wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-4000:]
     logs = client.get_job_logs(job)
-    restored = re.search(r"restored checkpoint_0000(04|08): going on from step (4|8)", logs)
-    assert restored, logs[-4000:]
+    restored_from = re.search(r"restored checkpoint_0000(04|08): going on from step (4|8)", logs)
+    assert restored_from, logs[-4000:]
 
     # Every step logged, those up to the restored checkpoint once: the run went on from it, not from
     # the start. (Steps after it that had finished before the node was lost ran, and logged, twice.)
@@ -349,7 +349,7 @@ def test_node_loss_during_train_restores_the_last_checkpoint_and_ends_equal(clus
     [run] = mlflow.search_runs([mlflow.get_experiment_by_name("harmoclip").experiment_id])
     steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "loss")]
     assert sorted(set(steps)) == list(range(1, 13)), steps
-    assert all(steps.count(step) == 1 for step in range(1, int(restored.group(2)) + 1)), steps
+    assert all(steps.count(step) == 1 for step in range(1, int(restored_from.group(2)) + 1)), steps
 
     reference, restored = (torch.load(io.BytesIO(_objects(bucket, f"runs/{out}/", "open_clip_weights.pt")[
         "open_clip_weights.pt"]), weights_only=True)["state_dict"] for out in ("r1", "r2"))
